@@ -1,0 +1,291 @@
+//! The subcommands.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use bitnet_core::{init_global_pool, ScratchArena};
+use bitnet_inference::generate::{generate as run_generation, GenerateOptions};
+use bitnet_inference::loader::{self, LoadedModel, ModelKind};
+use bitnet_inference::model::{LogitsFor, SeqStep};
+use bitnet_inference::sampler::SamplerConfig;
+use clap::Args;
+
+use crate::ThreadArgs;
+
+/// Arguments of `bitnet generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt.
+    #[arg(long)]
+    prompt: String,
+    /// The most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Keep the smallest set of tokens whose probability reaches P (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Drop tokens less likely than P times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalty on tokens seen in the last 64 (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed: the same seed gives the same text.
+    #[arg(long, default_value_t = 299792458)]
+    seed: u64,
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+/// Arguments of `bitnet logits`.
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
+pub struct LogitsArgs {
+    /// A Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
+    /// A prompt to tokenize (BOS added as the tokenizer's template says).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Output .npy file: float32 [tokens, vocab].
+    #[arg(long)]
+    out: PathBuf,
+    /// Feed one token at a time through the KV cache instead of one pass.
+    #[arg(long)]
+    incremental: bool,
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+/// Arguments of `bitnet perplexity`.
+#[derive(Args)]
+pub struct PerplexityArgs {
+    /// A Hugging Face model folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The text file to score (its exact bytes, UTF-8).
+    #[arg(long)]
+    file: PathBuf,
+    /// Window length in tokens.
+    #[arg(long, default_value_t = 512)]
+    ctx: usize,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+/// Sizes the process's worker pool; returns the thread count.
+fn init_threads(t: ThreadArgs) -> Result<usize> {
+    Ok(init_global_pool(t.threads)?)
+}
+
+fn load(path: &Path) -> Result<(LoadedModel, f64)> {
+    let t = Instant::now();
+    let m = loader::load(path).with_context(|| format!("loading {}", path.display()))?;
+    Ok((m, t.elapsed().as_secs_f64()))
+}
+
+/// `bitnet generate`.
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let (m, load_s) = load(&a.model)?;
+    eprintln!(
+        "loaded {} in {:.2} s ({} threads, kernels: {})",
+        a.model.display(),
+        load_s,
+        threads,
+        m.model.kernels().name
+    );
+    let opts = GenerateOptions {
+        max_tokens: a.max_tokens,
+        sampler: SamplerConfig {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            min_p: a.min_p,
+            repeat_penalty: a.repeat_penalty,
+            seed: a.seed,
+            ..SamplerConfig::default()
+        },
+        stop_at_eos: true,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut write_err = None;
+    let stats = run_generation(&m.model, &m.tokenizer, &a.prompt, &opts, |text| {
+        if write_err.is_none() {
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                write_err = Some(e);
+            }
+        }
+    })?;
+    if let Some(e) = write_err {
+        bail!("writing to stdout: {e}");
+    }
+    writeln!(out).context("writing to stdout")?;
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.prompt_tokens_per_s(),
+        stats.generated_tokens,
+        stats.generation_tokens_per_s()
+    );
+    Ok(())
+}
+
+/// `bitnet logits`.
+pub fn logits(a: LogitsArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let (m, _) = load(&a.model)?;
+    let ids = match (&a.ids, &a.prompt) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(p)) => m.tokenizer.encode(p, true)?,
+        (None, None) => bail!("give --ids or --prompt"),
+    };
+    if ids.is_empty() {
+        bail!("no tokens to run");
+    }
+    let vocab = m.model.config().vocab_size;
+    let mut logits = vec![0f32; ids.len() * vocab];
+    {
+        let mut cache = m.model.new_cache(ids.len())?;
+        let mut scratch = ScratchArena::new();
+        if a.incremental {
+            for (i, id) in ids.iter().enumerate() {
+                m.model.forward(
+                    &mut [SeqStep {
+                        tokens: std::slice::from_ref(id),
+                        cache: &mut cache,
+                        logits: LogitsFor::Last,
+                    }],
+                    &mut scratch,
+                    &mut logits[i * vocab..(i + 1) * vocab],
+                )?;
+            }
+        } else {
+            m.model.forward(
+                &mut [SeqStep {
+                    tokens: &ids,
+                    cache: &mut cache,
+                    logits: LogitsFor::All,
+                }],
+                &mut scratch,
+                &mut logits,
+            )?;
+        }
+    }
+    bitnet_inference::npy::write_f32(&a.out, &[ids.len(), vocab], &logits)?;
+    eprintln!(
+        "wrote {} x {} logits to {}",
+        ids.len(),
+        vocab,
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// `bitnet perplexity`.
+pub fn perplexity(a: PerplexityArgs) -> Result<()> {
+    init_threads(a.threads)?;
+    let (m, _) = load(&a.model)?;
+    let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
+    let text = String::from_utf8(bytes)
+        .with_context(|| format!("{} is not UTF-8 text", a.file.display()))?;
+    let ids = m.tokenizer.encode(&text, true)?;
+    let report = bitnet_inference::perplexity::perplexity(&m.model, &ids, a.ctx, text.len())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("tokens scored: {}", report.n_tokens_scored);
+        println!("windows: {} of {} tokens", report.windows, a.ctx);
+        println!("mean NLL: {:.6} nats", report.mean_nll);
+        println!("perplexity: {:.4}", report.ppl);
+        println!("nats per byte: {:.6}", report.nats_per_byte);
+    }
+    Ok(())
+}
+
+/// `bitnet inspect`.
+pub fn inspect(path: &Path) -> Result<()> {
+    match loader::detect(path)? {
+        ModelKind::HfFolder => inspect_hf(path),
+        ModelKind::Gguf => inspect_gguf(path),
+    }
+}
+
+fn inspect_hf(dir: &Path) -> Result<()> {
+    use bitnet_inference::formats::safetensors::SafetensorsCheckpoint;
+    let cfg_path = dir.join("config.json");
+    let cfg = bitnet_inference::config::ModelConfig::from_hf_file(&cfg_path)?;
+    let ckpt = SafetensorsCheckpoint::open_folder(dir)?;
+    let stdout = std::io::stdout();
+    let mut o = stdout.lock();
+    writeln!(o, "model: {} (Hugging Face folder)", dir.display())?;
+    writeln!(o, "config:")?;
+    writeln!(o, "  hidden_size: {}", cfg.hidden_size)?;
+    writeln!(o, "  intermediate_size: {}", cfg.intermediate_size)?;
+    writeln!(o, "  layers: {}", cfg.num_layers)?;
+    writeln!(
+        o,
+        "  heads: {} (kv heads {}, head_dim {})",
+        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    )?;
+    writeln!(o, "  vocab_size: {}", cfg.vocab_size)?;
+    writeln!(o, "  rms_norm_eps: {:e}", cfg.rms_norm_eps)?;
+    writeln!(o, "  rope_theta: {}", cfg.rope_theta)?;
+    writeln!(
+        o,
+        "  max_position_embeddings: {}",
+        cfg.max_position_embeddings
+    )?;
+    writeln!(o, "  tie_word_embeddings: {}", cfg.tie_word_embeddings)?;
+    writeln!(o, "  activation: {}", cfg.activation.name())?;
+    writeln!(o, "  weights: {:?}", cfg.weight_format)?;
+    writeln!(
+        o,
+        "  bos: {:?}, eos: {:?}",
+        cfg.bos_token_id, cfg.eos_token_ids
+    )?;
+    writeln!(o, "tensors:")?;
+    let mut total = 0usize;
+    let mut count = 0usize;
+    for t in ckpt.tensors() {
+        let bytes = t.storage.len();
+        total += bytes;
+        count += 1;
+        writeln!(
+            o,
+            "  {:<56} {:<5} {:<16} {:>12} bytes",
+            t.name,
+            t.dtype.name(),
+            format!("{:?}", t.shape),
+            bytes
+        )?;
+    }
+    writeln!(
+        o,
+        "total: {count} tensors, {total} bytes ({:.2} MiB)",
+        total as f64 / (1 << 20) as f64
+    )?;
+    Ok(())
+}
+
+fn inspect_gguf(path: &Path) -> Result<()> {
+    bail!("{}: GGUF inspection is not available yet", path.display())
+}

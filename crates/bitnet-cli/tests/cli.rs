@@ -1,0 +1,326 @@
+//! The `bitnet` binary end to end, against the tiny-bitnet references.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bitnet_inference::npy;
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../testdata/tiny-bitnet"
+    ))
+    .join(rel)
+}
+
+fn bitnet(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(args)
+        .output()
+        .expect("the bitnet binary runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A fresh scratch folder for one test.
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("bitnet-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn read_f32(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let a = npy::read(path).unwrap();
+    let shape = a.shape.clone();
+    (shape, a.into_f32().unwrap())
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn prompt_ids_arg() -> String {
+    npy::read(&fixture("ref/prompt_ids.npy"))
+        .unwrap()
+        .into_i64()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Runs `bitnet logits` and returns the written array.
+fn logits(model: &Path, extra: &[&str], dir: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let out = dir.join(name);
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = bitnet(&args);
+    assert!(o.status.success(), "bitnet logits failed: {}", stderr(&o));
+    read_f32(&out)
+}
+
+#[test]
+fn logits_match_transformers_full_and_incremental() {
+    let dir = scratch("logits");
+    let ids = prompt_ids_arg();
+    let (shape, want) = read_f32(&fixture("ref/logits_packed_f32.npy"));
+    let model = fixture("hf_packed");
+    for extra in [vec!["--ids", &ids], vec!["--ids", &ids, "--incremental"]] {
+        let (s, got) = logits(&model, &extra, &dir, "l.npy");
+        assert_eq!(s, shape);
+        let d = max_abs_diff(&got, &want);
+        assert!(d <= 1e-4, "{extra:?}: max abs diff {d}");
+    }
+    // --prompt tokenizes the prompt text to the same ids (BOS first).
+    let prompt: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("ref/prompt.json")).unwrap())
+            .unwrap();
+    let (_, by_prompt) = logits(
+        &model,
+        &["--prompt", prompt["text"].as_str().unwrap()],
+        &dir,
+        "p.npy",
+    );
+    assert!(max_abs_diff(&by_prompt, &want) <= 1e-4);
+}
+
+#[test]
+fn thread_counts_give_identical_logits() {
+    let dir = scratch("threads");
+    let ids = prompt_ids_arg();
+    let model = fixture("hf_packed");
+    let (_, one) = logits(&model, &["--ids", &ids, "--threads", "1"], &dir, "a.npy");
+    let (_, three) = logits(&model, &["--ids", &ids, "--threads", "3"], &dir, "b.npy");
+    assert!(one
+        .iter()
+        .zip(&three)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+}
+
+#[test]
+fn perplexity_matches_the_reference() {
+    let o = bitnet(&[
+        "perplexity",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "--file",
+        fixture("ref/ppl.txt").to_str().unwrap(),
+        "--ctx",
+        "64",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("ref/perplexity.json")).unwrap())
+            .unwrap();
+    assert_eq!(got["n_tokens_scored"], want["n_tokens_scored"]);
+    let (g, w) = (
+        got["mean_nll"].as_f64().unwrap(),
+        want["mean_nll"].as_f64().unwrap(),
+    );
+    assert!(((g - w) / w).abs() <= 1e-4, "mean_nll {g} vs {w}");
+    let bytes = std::fs::metadata(fixture("ref/ppl.txt")).unwrap().len() as f64;
+    let nll_sum = want["nll_sum"].as_f64().unwrap();
+    let npb = got["nats_per_byte"].as_f64().unwrap();
+    assert!(((npb - nll_sum / bytes) / npb).abs() <= 1e-4);
+    assert!((got["ppl"].as_f64().unwrap().ln() - g).abs() < 1e-9);
+}
+
+fn generate(seed: &str, threads: &str) -> Output {
+    bitnet(&[
+        "generate",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "--prompt",
+        "The ternary weights",
+        "--max-tokens",
+        "24",
+        // The random fixture model's logits span hundreds of nats: only a high temperature
+        // makes its samples depend on the seed.
+        "--temperature",
+        "50",
+        "--top-k",
+        "0",
+        "--top-p",
+        "1",
+        "--min-p",
+        "0",
+        "--seed",
+        seed,
+        "--threads",
+        threads,
+    ])
+}
+
+#[test]
+fn same_seed_same_text_and_timings_on_stderr() {
+    let a = generate("7", "1");
+    let b = generate("7", "2");
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(!a.stdout.is_empty());
+    assert_eq!(a.stdout, b.stdout, "same seed, same text");
+    let c = generate("8", "1");
+    assert_ne!(a.stdout, c.stdout, "another seed, another text");
+    let e = stderr(&a);
+    assert!(e.contains("loaded") && e.contains("tokens/s"), "{e}");
+}
+
+#[test]
+fn inspect_lists_config_and_tensors() {
+    let o = bitnet(&["inspect", fixture("hf_packed").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(s.contains("hidden_size: 256"));
+    assert!(s.contains("model.layers.0.self_attn.q_proj.weight"));
+    assert!(s.contains("U8") && s.contains("[64, 256]"));
+    let total: u64 = std::fs::metadata(fixture("hf_packed/model.safetensors"))
+        .unwrap()
+        .len();
+    assert!(s.contains("total: 38 tensors"), "{s}");
+    assert!(total > 562_716);
+}
+
+/// Copies hf_packed into a scratch folder so a test can break one file.
+fn broken_copy(name: &str) -> PathBuf {
+    let dir = scratch(name);
+    for f in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture(&format!("hf_packed/{f}")), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+/// Rewrites the copy's safetensors with `edit` applied to its tensor list.
+fn rewrite_tensors(
+    dir: &Path,
+    edit: impl FnOnce(&mut Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) {
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut ts: Vec<_> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, v)| (n, v.dtype(), v.shape().to_vec(), v.data().to_vec()))
+        .collect();
+    edit(&mut ts);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = ts
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Runs `bitnet logits` on a broken model and returns its stderr, checking it failed cleanly.
+fn fails_cleanly(model: &Path, ids: &str) -> String {
+    let out = model.join("out.npy");
+    let o = bitnet(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--ids",
+        ids,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = stderr(&o);
+    assert!(!o.status.success(), "expected failure");
+    assert!(!e.contains("panicked"), "panic: {e}");
+    e
+}
+
+#[test]
+fn bad_models_and_inputs_give_clear_errors() {
+    // Missing model folder.
+    let e = fails_cleanly(Path::new("/nonexistent/model"), "1");
+    assert!(e.contains("/nonexistent/model"), "{e}");
+
+    // Token id outside the vocabulary.
+    let e = fails_cleanly(&fixture("hf_packed"), "1,512");
+    assert!(e.contains("512") && e.contains("vocabulary"), "{e}");
+
+    // Truncated safetensors.
+    let d = broken_copy("truncated");
+    let f = d.join("model.safetensors");
+    let len = std::fs::metadata(&f).unwrap().len();
+    for cut in [4, 100, len / 2, len - 1] {
+        let bytes = std::fs::read(fixture("hf_packed/model.safetensors")).unwrap();
+        std::fs::write(&f, &bytes[..cut as usize]).unwrap();
+        let e = fails_cleanly(&d, "1");
+        assert!(e.contains("model.safetensors"), "cut {cut}: {e}");
+    }
+
+    // A missing tensor, named.
+    let d = broken_copy("missing");
+    rewrite_tensors(&d, |ts| {
+        ts.retain(|t| t.0 != "model.layers.1.mlp.up_proj.weight")
+    });
+    let e = fails_cleanly(&d, "1");
+    assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+
+    // A tensor of the wrong shape, named.
+    let d = broken_copy("shape");
+    rewrite_tensors(&d, |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == "model.norm.weight").unwrap();
+        t.2 = vec![128];
+        t.3.truncate(256);
+    });
+    let e = fails_cleanly(&d, "1");
+    assert!(
+        e.contains("model.norm.weight") && e.contains("[128]"),
+        "{e}"
+    );
+
+    // A tensor of the wrong dtype, named.
+    let d = broken_copy("dtype");
+    rewrite_tensors(&d, |ts| {
+        let t = ts
+            .iter_mut()
+            .find(|t| t.0 == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
+        t.1 = safetensors::Dtype::I8;
+    });
+    let e = fails_cleanly(&d, "1");
+    assert!(e.contains("k_proj.weight") && e.contains("I8"), "{e}");
+
+    // Inconsistent head counts.
+    let d = broken_copy("heads");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3"),
+    )
+    .unwrap();
+    let e = fails_cleanly(&d, "1");
+    assert!(e.contains("num_key_value_heads"), "{e}");
+
+    // An unreadable tokenizer.
+    let d = broken_copy("tokenizer");
+    std::fs::write(d.join("tokenizer.json"), "{ not json").unwrap();
+    let e = fails_cleanly(&d, "1");
+    assert!(e.contains("tokenizer"), "{e}");
+}

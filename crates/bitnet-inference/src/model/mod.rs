@@ -1,0 +1,521 @@
+//! The BitNet b1.58 transformer (FORMATS.md section 1) and its batched forward pass.
+
+mod dense;
+mod load;
+pub mod ops;
+
+use bitnet_core::ScratchArena;
+use bitnet_quant::kernels::Kernels;
+use bitnet_quant::{quantize_activations, BitLinear};
+use rayon::prelude::*;
+
+pub use dense::DenseMatrix;
+
+use crate::config::{Activation, ModelConfig};
+use crate::kv_cache::KvCache;
+use crate::{Error, Result};
+
+/// Parallel attention groups per worker thread: enough to balance uneven sequence lengths.
+const ATTENTION_GROUPS_PER_THREAD: usize = 4;
+
+/// One decoder layer's weights.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// RMSNorm before attention, `[hidden]`.
+    pub attn_norm: Vec<f32>,
+    /// Query projection `[heads * head_dim, hidden]`.
+    pub q: BitLinear,
+    /// Key projection `[kv_heads * head_dim, hidden]`.
+    pub k: BitLinear,
+    /// Value projection `[kv_heads * head_dim, hidden]`.
+    pub v: BitLinear,
+    /// RMSNorm of the attention output, `[heads * head_dim]`.
+    pub attn_sub_norm: Vec<f32>,
+    /// Output projection `[hidden, heads * head_dim]`.
+    pub o: BitLinear,
+    /// RMSNorm before the FFN, `[hidden]`.
+    pub ffn_norm: Vec<f32>,
+    /// Gate projection `[ffn, hidden]`.
+    pub gate: BitLinear,
+    /// Up projection `[ffn, hidden]`.
+    pub up: BitLinear,
+    /// RMSNorm of the FFN's inner activation, `[ffn]`.
+    pub ffn_sub_norm: Vec<f32>,
+    /// Down projection `[hidden, ffn]`.
+    pub down: BitLinear,
+}
+
+impl Layer {
+    /// The layer's ternary linears with their names (q, k, v, o, gate, up, down).
+    pub fn linears(&self) -> [(&'static str, &BitLinear); 7] {
+        [
+            ("q_proj", &self.q),
+            ("k_proj", &self.k),
+            ("v_proj", &self.v),
+            ("o_proj", &self.o),
+            ("gate_proj", &self.gate),
+            ("up_proj", &self.up),
+            ("down_proj", &self.down),
+        ]
+    }
+}
+
+/// Which positions of a sequence step need logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// None (the step only fills the cache).
+    None,
+    /// The last token of the step (sampling).
+    Last,
+    /// Every token of the step (scoring, perplexity).
+    All,
+}
+
+/// One sequence's part of a batched forward step: new tokens, its cache, what to return.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    /// Tokens to append, at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    /// The sequence's KV cache; it grows by `tokens.len()` positions.
+    pub cache: &'a mut KvCache,
+    /// Which of these positions need logits.
+    pub logits: LogitsFor,
+}
+
+impl SeqStep<'_> {
+    fn logit_rows(&self) -> usize {
+        match self.logits {
+            LogitsFor::None => 0,
+            LogitsFor::Last => usize::from(!self.tokens.is_empty()),
+            LogitsFor::All => self.tokens.len(),
+        }
+    }
+}
+
+/// A loaded BitNet b1.58 model, ready to run.
+#[derive(Debug)]
+pub struct Model {
+    config: ModelConfig,
+    embed: DenseMatrix,
+    head: Option<DenseMatrix>,
+    norm: Vec<f32>,
+    layers: Vec<Layer>,
+    inv_freq: Vec<f32>,
+    kernels: &'static Kernels,
+}
+
+impl Model {
+    /// Assembles a model from its parts, checking every shape against `config`.
+    pub fn new(
+        config: ModelConfig,
+        embed: DenseMatrix,
+        head: Option<DenseMatrix>,
+        norm: Vec<f32>,
+        layers: Vec<Layer>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let (h, qd, kvd, f) = (
+            config.hidden_size,
+            config.q_dim(),
+            config.kv_dim(),
+            config.intermediate_size,
+        );
+        let shape_err = |name: String, expected: Vec<usize>, found: Vec<usize>| {
+            Err(Error::TensorShape {
+                name,
+                expected,
+                found,
+            })
+        };
+        for (name, m) in
+            std::iter::once(("embedding", &embed)).chain(head.iter().map(|m| ("output head", m)))
+        {
+            if (m.rows(), m.cols()) != (config.vocab_size, h) {
+                return shape_err(
+                    name.into(),
+                    vec![config.vocab_size, h],
+                    vec![m.rows(), m.cols()],
+                );
+            }
+        }
+        if norm.len() != h {
+            return shape_err("final norm".into(), vec![h], vec![norm.len()]);
+        }
+        if layers.len() != config.num_layers {
+            return Err(Error::Config(format!(
+                "{} layers given, config says {}",
+                layers.len(),
+                config.num_layers
+            )));
+        }
+        for (i, l) in layers.iter().enumerate() {
+            let want = [(qd, h), (kvd, h), (kvd, h), (h, qd), (f, h), (f, h), (h, f)];
+            for ((name, lin), (o, k)) in l.linears().into_iter().zip(want) {
+                if (lin.out_features(), lin.in_features()) != (o, k) {
+                    return shape_err(
+                        format!("layer {i} {name}"),
+                        vec![o, k],
+                        vec![lin.out_features(), lin.in_features()],
+                    );
+                }
+            }
+            for (name, n, len) in [
+                ("attn_norm", &l.attn_norm, h),
+                ("attn_sub_norm", &l.attn_sub_norm, qd),
+                ("ffn_norm", &l.ffn_norm, h),
+                ("ffn_sub_norm", &l.ffn_sub_norm, f),
+            ] {
+                if n.len() != len {
+                    return shape_err(format!("layer {i} {name}"), vec![len], vec![n.len()]);
+                }
+            }
+        }
+        let mut inv_freq = vec![0.0; config.head_dim / 2];
+        ops::rope_inv_freq(config.rope_theta, config.head_dim, &mut inv_freq);
+        Ok(Model {
+            config,
+            embed,
+            head,
+            norm,
+            layers,
+            inv_freq,
+            kernels: Kernels::get(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The decoder layers.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The token embedding.
+    pub fn embedding(&self) -> &DenseMatrix {
+        &self.embed
+    }
+
+    /// The output head (the embedding when tied).
+    pub fn head(&self) -> &DenseMatrix {
+        self.head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// The kernel set in use.
+    pub fn kernels(&self) -> &'static Kernels {
+        self.kernels
+    }
+
+    /// Uses `kernels` instead of the detected set (to compare implementations).
+    pub fn set_kernels(&mut self, kernels: &'static Kernels) {
+        self.kernels = kernels;
+    }
+
+    /// A KV cache for this model holding up to `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        KvCache::new(&self.config, capacity)
+    }
+
+    /// Bytes of weights streamed per generated token (ternary layers plus the head).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let ternary: usize = self
+            .layers
+            .iter()
+            .flat_map(|l| l.linears())
+            .map(|(_, lin)| lin.weight().bytes().len())
+            .sum();
+        ternary + self.head().bytes()
+    }
+
+    /// Number of logit rows `forward` writes for `batch` (each `vocab_size` wide).
+    pub fn logit_rows(batch: &[SeqStep<'_>]) -> usize {
+        batch.iter().map(SeqStep::logit_rows).sum()
+    }
+
+    fn check_batch(&self, batch: &[SeqStep<'_>], logits_len: usize) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        for (s, step) in batch.iter().enumerate() {
+            if !step.cache.fits(&self.config) {
+                return Err(Error::InvalidInput(format!(
+                    "sequence {s}: KV cache was made for another model"
+                )));
+            }
+            if step.tokens.len() > step.cache.remaining() {
+                return Err(Error::InvalidInput(format!(
+                    "sequence {s}: {} new tokens do not fit its KV cache ({} of {} positions used)",
+                    step.tokens.len(),
+                    step.cache.len(),
+                    step.cache.capacity()
+                )));
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(Error::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary (size {vocab})"
+                )));
+            }
+        }
+        let want = Self::logit_rows(batch) * vocab;
+        if logits_len != want {
+            return Err(Error::InvalidInput(format!(
+                "logits buffer holds {logits_len} values, the batch needs {want}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs one step for a batch of sequences: appends each sequence's tokens to its cache and
+    /// writes the logits it asked for into `logits` (rows in batch order, `vocab_size` wide;
+    /// see [`Model::logit_rows`]). Working memory comes from `scratch`, so repeated steps of
+    /// the same size allocate nothing. Nothing is changed if the batch is invalid.
+    pub fn forward(
+        &self,
+        batch: &mut [SeqStep<'_>],
+        scratch: &mut ScratchArena,
+        logits: &mut [f32],
+    ) -> Result<()> {
+        self.check_batch(batch, logits.len())?;
+        let cfg = &self.config;
+        let (h, qd, kvd, f) = (
+            cfg.hidden_size,
+            cfg.q_dim(),
+            cfg.kv_dim(),
+            cfg.intermediate_size,
+        );
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let t_all: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        if t_all == 0 {
+            return Ok(());
+        }
+        // Attention score rows: one per parallel group, as long as the largest cache, so the
+        // arena keeps one size for the whole life of a set of caches (no growth per token).
+        let ctx_cap = batch.iter().map(|s| s.cache.capacity()).max().unwrap_or(0);
+        let groups = rayon::current_num_threads() * ATTENTION_GROUPS_PER_THREAD;
+        let wide = h.max(qd).max(f);
+        let kpad = bitnet_quant::TernaryMatrix::padded_cols(wide);
+        let ([x, nb, q, k, v, att, proj, gate, up, scores, sx, rope], [xq], [acc]) = scratch.carve(
+            [
+                t_all * h,
+                t_all * wide,
+                t_all * qd,
+                t_all * kvd,
+                t_all * kvd,
+                t_all * qd,
+                t_all * h,
+                t_all * f,
+                t_all * f,
+                groups * ctx_cap,
+                t_all,
+                t_all * hd,
+            ],
+            [t_all * kpad],
+            [t_all * wide],
+        );
+
+        // Embeddings and the RoPE angles of every new position (shared by all layers).
+        let mut t = 0;
+        for step in batch.iter() {
+            for (i, &tok) in step.tokens.iter().enumerate() {
+                self.embed
+                    .row_to_f32(tok as usize, &mut x[t * h..(t + 1) * h]);
+                ops::rope_angles(
+                    &self.inv_freq,
+                    step.cache.len() + i,
+                    &mut rope[t * hd..(t + 1) * hd],
+                );
+                t += 1;
+            }
+        }
+
+        let kern = self.kernels;
+        let eps = cfg.rms_norm_eps;
+        let scale = (hd as f64).powf(-0.5) as f32;
+        for (li, layer) in self.layers.iter().enumerate() {
+            // Attention block.
+            norm_quantize(x, h, &layer.attn_norm, eps, nb, xq, sx, layer.q.padded_in());
+            let xk = &xq[..t_all * layer.q.padded_in()];
+            layer
+                .q
+                .forward_quantized(kern, xk, sx, &mut acc[..t_all * qd], q);
+            layer
+                .k
+                .forward_quantized(kern, xk, sx, &mut acc[..t_all * kvd], k);
+            layer
+                .v
+                .forward_quantized(kern, xk, sx, &mut acc[..t_all * kvd], v);
+
+            let mut t0 = 0;
+            for step in batch.iter_mut() {
+                let n = step.tokens.len();
+                let start = step.cache.len();
+                for i in 0..n {
+                    let t = t0 + i;
+                    let cs = &rope[t * hd..(t + 1) * hd];
+                    for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
+                        ops::rope_apply(head, cs);
+                    }
+                    let (kc, vc) = step.cache.row_mut(li, start + i);
+                    kc.copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
+                    for head in kc.chunks_exact_mut(hd) {
+                        ops::rope_apply(head, cs);
+                    }
+                    vc.copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+                }
+                let cache: &KvCache = step.cache;
+                let (keys, values) = (cache.keys(li), cache.values(li));
+                let group = nh / nkv;
+                let q_seq = &q[t0 * qd..(t0 + n) * qd];
+                let per_group = (n * nh).div_ceil(groups);
+                att[t0 * qd..(t0 + n) * qd]
+                    .par_chunks_mut(per_group * hd)
+                    .zip(scores.par_chunks_mut(ctx_cap))
+                    .enumerate()
+                    .for_each(|(g, (outs, sc))| {
+                        for (p, out) in outs.chunks_exact_mut(hd).enumerate() {
+                            let idx = g * per_group + p;
+                            let (i, head) = (idx / nh, idx % nh);
+                            let kvh = head / group;
+                            let qv = &q_seq[i * qd + head * hd..i * qd + (head + 1) * hd];
+                            let sc = &mut sc[..start + i + 1];
+                            for (j, s) in sc.iter_mut().enumerate() {
+                                let kr = &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                                *s = dot(qv, kr) * scale;
+                            }
+                            ops::softmax(sc);
+                            out.fill(0.0);
+                            for (j, &w) in sc.iter().enumerate() {
+                                let vr = &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                                for (o, &vv) in out.iter_mut().zip(vr) {
+                                    *o += w * vv;
+                                }
+                            }
+                        }
+                    });
+                t0 += n;
+            }
+            norm_quantize(
+                att,
+                qd,
+                &layer.attn_sub_norm,
+                eps,
+                nb,
+                xq,
+                sx,
+                layer.o.padded_in(),
+            );
+            layer.o.forward_quantized(
+                kern,
+                &xq[..t_all * layer.o.padded_in()],
+                sx,
+                &mut acc[..t_all * h],
+                proj,
+            );
+            add_in_place(x, proj);
+
+            // Feed-forward block.
+            norm_quantize(
+                x,
+                h,
+                &layer.ffn_norm,
+                eps,
+                nb,
+                xq,
+                sx,
+                layer.gate.padded_in(),
+            );
+            let xk = &xq[..t_all * layer.gate.padded_in()];
+            layer
+                .gate
+                .forward_quantized(kern, xk, sx, &mut acc[..t_all * f], gate);
+            layer
+                .up
+                .forward_quantized(kern, xk, sx, &mut acc[..t_all * f], up);
+            match cfg.activation {
+                Activation::Relu2 => gate.iter_mut().zip(up.iter()).for_each(|(g, &u)| {
+                    let r = g.max(0.0);
+                    *g = (r * r) * u;
+                }),
+                Activation::Silu => gate.iter_mut().zip(up.iter()).for_each(|(g, &u)| {
+                    *g = (*g / (1.0 + (-*g).exp())) * u;
+                }),
+            }
+            norm_quantize(
+                gate,
+                f,
+                &layer.ffn_sub_norm,
+                eps,
+                nb,
+                xq,
+                sx,
+                layer.down.padded_in(),
+            );
+            layer.down.forward_quantized(
+                kern,
+                &xq[..t_all * layer.down.padded_in()],
+                sx,
+                &mut acc[..t_all * h],
+                proj,
+            );
+            add_in_place(x, proj);
+        }
+
+        // Final norm and head, only for the rows that asked for logits.
+        let vocab = cfg.vocab_size;
+        let head = self.head();
+        let mut row = 0;
+        let mut t0 = 0;
+        for step in batch.iter_mut() {
+            let n = step.tokens.len();
+            let first = match step.logits {
+                LogitsFor::None => n,
+                LogitsFor::Last => n.saturating_sub(1),
+                LogitsFor::All => 0,
+            };
+            for t in t0 + first..t0 + n {
+                let xn = &mut nb[..h];
+                ops::rms_norm(&x[t * h..(t + 1) * h], &self.norm, eps, xn);
+                head.matvec(xn, &mut logits[row * vocab..(row + 1) * vocab]);
+                row += 1;
+            }
+            step.cache.advance(n);
+            t0 += n;
+        }
+        Ok(())
+    }
+}
+
+/// RMSNorm of each `width`-wide row of `src` into `nb`, then per-token int8 quantization into
+/// `xq` (rows `kpad` long) with scales in `sx`.
+#[allow(clippy::too_many_arguments)]
+fn norm_quantize(
+    src: &[f32],
+    width: usize,
+    w: &[f32],
+    eps: f32,
+    nb: &mut [f32],
+    xq: &mut [i8],
+    sx: &mut [f32],
+    kpad: usize,
+) {
+    let rows = sx.len();
+    nb[..rows * width]
+        .par_chunks_mut(width)
+        .zip(xq[..rows * kpad].par_chunks_mut(kpad))
+        .zip(sx.par_iter_mut())
+        .zip(src.par_chunks(width))
+        .for_each(|(((n, q), s), x)| {
+            ops::rms_norm(x, w, eps, n);
+            *s = quantize_activations(n, q);
+        });
+}
+
+fn add_in_place(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}

@@ -1,0 +1,169 @@
+//! BitLinear for inference: int8 activations times a ternary matrix, rescaled to f32.
+
+use rayon::prelude::*;
+
+use crate::kernels::Kernels;
+use crate::quantize::quantize_activations;
+use crate::TernaryMatrix;
+
+/// How a layer's stored weight scale turns integer sums into outputs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WeightScale {
+    /// The scale is `s_w = 1 / absmean` (HF `bitlinear`, and weights quantized at load):
+    /// `y = acc / (s_x * s_w)`.
+    Inverse(f32),
+    /// The scale is `absmean` itself (HF `autobitlinear` offline): `y = acc * scale / s_x`.
+    Direct(f32),
+}
+
+impl WeightScale {
+    /// The ternary step: the weight value that code +1 stands for.
+    pub fn step(self) -> f32 {
+        match self {
+            WeightScale::Inverse(s) => 1.0 / s,
+            WeightScale::Direct(a) => a,
+        }
+    }
+
+    /// Converts an exact integer sum into the layer output for a token with scale `s_x`.
+    #[inline]
+    pub fn apply(self, acc: i32, s_x: f32) -> f32 {
+        match self {
+            WeightScale::Inverse(s_w) => acc as f32 / (s_x * s_w),
+            WeightScale::Direct(a) => acc as f32 * a / s_x,
+        }
+    }
+}
+
+/// A bias-free BitNet linear layer: `[out, in]` ternary weights and one per-tensor scale.
+#[derive(Debug, Clone)]
+pub struct BitLinear {
+    weight: TernaryMatrix,
+    scale: WeightScale,
+}
+
+/// Rows per parallel task in decode: enough work to amortise a task, few enough to balance.
+const ROWS_PER_TASK: usize = 64;
+
+impl BitLinear {
+    /// A layer from its weights and scale.
+    pub fn new(weight: TernaryMatrix, scale: WeightScale) -> Self {
+        BitLinear { weight, scale }
+    }
+
+    /// The ternary weights.
+    pub fn weight(&self) -> &TernaryMatrix {
+        &self.weight
+    }
+
+    /// The weight scale.
+    pub fn scale(&self) -> WeightScale {
+        self.scale
+    }
+
+    /// Input features.
+    pub fn in_features(&self) -> usize {
+        self.weight.cols()
+    }
+
+    /// Output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.rows()
+    }
+
+    /// Length of one quantized input row ([`TernaryMatrix::padded_cols`]).
+    pub fn padded_in(&self) -> usize {
+        TernaryMatrix::padded_cols(self.weight.cols())
+    }
+
+    /// Integer products of `tokens` quantized rows `xq` (each [`Self::padded_in`] long):
+    /// `acc[t * out + r]`. Exact, so the result does not depend on the thread count.
+    pub fn forward_i32(&self, kernels: &Kernels, xq: &[i8], tokens: usize, acc: &mut [i32]) {
+        let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
+        let rows = self.out_features();
+        let k = self.padded_in();
+        debug_assert_eq!(xq.len(), tokens * k);
+        debug_assert_eq!(acc.len(), tokens * rows);
+        if tokens == 1 {
+            acc.par_chunks_mut(ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(i, out)| {
+                    let r0 = i * ROWS_PER_TASK;
+                    (kernels.gemv)(&w[r0 * rb..(r0 + out.len()) * rb], rb, xq, out);
+                });
+        } else {
+            acc.par_chunks_mut(rows)
+                .zip(xq.par_chunks(k))
+                .for_each(|(out, x)| (kernels.gemm)(w, rb, x, 1, out));
+        }
+    }
+
+    /// The layer's output for already quantized inputs: `y[t * out + r]` from `acc` and the
+    /// per-token activation scales `s_x`.
+    pub fn forward_quantized(
+        &self,
+        kernels: &Kernels,
+        xq: &[i8],
+        s_x: &[f32],
+        acc: &mut [i32],
+        y: &mut [f32],
+    ) {
+        let tokens = s_x.len();
+        self.forward_i32(kernels, xq, tokens, acc);
+        let rows = self.out_features();
+        for ((yt, at), &s) in y
+            .chunks_exact_mut(rows)
+            .zip(acc.chunks_exact(rows))
+            .zip(s_x)
+        {
+            for (yo, &a) in yt.iter_mut().zip(at) {
+                *yo = self.scale.apply(a, s);
+            }
+        }
+    }
+
+    /// Convenience for tests and tools: quantizes `x` (`tokens * in` f32) and returns
+    /// the int8 rows, their scales and the outputs. Allocates; the engine uses
+    /// [`Self::forward_quantized`] with its scratch buffers instead.
+    pub fn forward_f32(&self, kernels: &Kernels, x: &[f32]) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+        let cols = self.in_features();
+        let tokens = x.len() / cols.max(1);
+        let k = self.padded_in();
+        let mut xq = vec![0i8; tokens * k];
+        let s_x: Vec<f32> = x
+            .chunks_exact(cols)
+            .zip(xq.chunks_exact_mut(k))
+            .map(|(xr, qr)| quantize_activations(xr, qr))
+            .collect();
+        let mut acc = vec![0i32; tokens * self.out_features()];
+        let mut y = vec![0f32; tokens * self.out_features()];
+        self.forward_quantized(kernels, &xq, &s_x, &mut acc, &mut y);
+        (xq, s_x, y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_apply_as_the_reference_does() {
+        let s = WeightScale::Inverse(4.0);
+        assert_eq!(s.apply(8, 2.0), 1.0);
+        assert_eq!(s.step(), 0.25);
+        let d = WeightScale::Direct(0.25);
+        assert_eq!(d.apply(8, 2.0), 1.0);
+    }
+
+    #[test]
+    fn forward_matches_float_math_on_exact_values() {
+        // Weights {-1,0,1} * 0.5, inputs whose absmax is 127 (s_x = 1): exact arithmetic.
+        let codes = [1i8, 0, -1, 1, 1, 1];
+        let w = TernaryMatrix::from_codes(&codes, 2, 3).unwrap();
+        let layer = BitLinear::new(w, WeightScale::Direct(0.5));
+        let (q, sx, y) = layer.forward_f32(Kernels::get(), &[127.0, 3.0, -5.0, 1.0, 2.0, -127.0]);
+        assert_eq!(sx, vec![1.0, 1.0]);
+        assert_eq!(&q[..3], &[127, 3, -5]);
+        assert_eq!(y, vec![66.0, 62.5, 64.0, -62.0]);
+    }
+}

@@ -1,0 +1,154 @@
+//! The BitNet b1.58 quantizers, exactly as the reference defines them (FORMATS.md section 2).
+//!
+//! Rounding is half to even (`round_ties_even`), as `torch.round` does; `f32::round` (half away
+//! from zero) would flip codes that sit exactly on a .5 boundary.
+
+/// Smallest absmean / absmax the quantizers divide by, so all-zero inputs stay finite.
+pub const QUANT_EPS: f32 = 1e-5;
+
+/// Lanes of the vector accumulator in the reduction that [`torch_sum`] reproduces.
+pub const TORCH_SUM_LANES: usize = 8;
+
+/// Sums `x` in f32 in exactly the order of PyTorch's single-threaded CPU `sum` over a
+/// contiguous tensor (its cascade reduction): `lanes`-wide vector accumulators, four of them
+/// in parallel, folded through four levels of partial sums, then the scalar tail and the lanes.
+///
+/// The weight scale must equal the reference bit for bit: an f64 sum rounded once differs from
+/// PyTorch's f32 cascade by an ulp or two on some tensors, and an ulp of the scale can flip a
+/// code or an activation rounding downstream.
+pub fn torch_sum(x: &[f32], lanes: usize) -> f32 {
+    const ILP: usize = 4;
+    const LEVELS: usize = 4;
+    let vecs = x.len() / lanes;
+    let vec = |i: usize| &x[i * lanes..(i + 1) * lanes];
+    let add = |acc: &mut [f32], v: &[f32]| acc.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+    // Vector "rows" of ILP vectors each, reduced with the multi-level cascade.
+    let rows = vecs / ILP;
+    let ceil_log2 = if rows <= 1 {
+        0
+    } else {
+        usize::BITS - (rows - 1).leading_zeros()
+    } as usize;
+    let level_power = (ceil_log2 / LEVELS).max(4);
+    let level_step = 1usize << level_power;
+    let level_mask = level_step - 1;
+    let mut acc = vec![vec![0f32; ILP * lanes]; LEVELS];
+    let mut i = 0;
+    while i + level_step <= rows {
+        for _ in 0..level_step {
+            for k in 0..ILP {
+                add(&mut acc[0][k * lanes..(k + 1) * lanes], vec(i * ILP + k));
+            }
+            i += 1;
+        }
+        for j in 1..LEVELS {
+            let (lo, hi) = acc.split_at_mut(j);
+            add(&mut hi[0], &lo[j - 1]);
+            lo[j - 1].fill(0.0);
+            if i & (level_mask << (j * level_power)) != 0 {
+                break;
+            }
+        }
+    }
+    while i < rows {
+        for k in 0..ILP {
+            add(&mut acc[0][k * lanes..(k + 1) * lanes], vec(i * ILP + k));
+        }
+        i += 1;
+    }
+    for j in 1..LEVELS {
+        let (lo, hi) = acc.split_at_mut(j);
+        add(&mut lo[0], &hi[0]);
+    }
+    let mut partial: Vec<f32> = acc[0][..lanes].to_vec();
+    for v in rows * ILP..vecs {
+        add(&mut partial, vec(v));
+    }
+    for k in 1..ILP {
+        add(&mut partial, &acc[0][k * lanes..(k + 1) * lanes]);
+    }
+    let mut total = 0f32;
+    for &t in &x[vecs * lanes..] {
+        total += t;
+    }
+    for p in partial {
+        total += p;
+    }
+    total
+}
+
+/// The per-tensor weight scale `s_w = 1 / max(mean(|W|), 1e-5)`, with the mean computed as
+/// PyTorch computes it (see [`torch_sum`]), so scales of master weights quantized here equal
+/// those of transformers bit for bit.
+pub fn weight_scale(w: &[f32]) -> f32 {
+    let abs: Vec<f32> = w.iter().map(|v| v.abs()).collect();
+    let mean = torch_sum(&abs, TORCH_SUM_LANES) / (w.len().max(1) as f32);
+    1.0 / mean.max(QUANT_EPS)
+}
+
+/// Ternary codes `clamp(round(w * s_w), -1, 1)` of `w` with the scale of [`weight_scale`].
+///
+/// Returns the codes (same length as `w`) and `s_w`.
+pub fn quantize_weights(w: &[f32]) -> (Vec<i8>, f32) {
+    let s = weight_scale(w);
+    let codes = w
+        .iter()
+        .map(|&v| (v * s).round_ties_even().clamp(-1.0, 1.0) as i8)
+        .collect();
+    (codes, s)
+}
+
+/// Quantizes one token's activations to int8 and returns `s_x = 127 / max(max|x|, 1e-5)`.
+///
+/// The division is computed as PyTorch evaluates `127 / tensor` (`tensor.reciprocal() * 127`):
+/// `(1 / m) * 127` in f32, which differs from a direct `127 / m` by an ulp for some `m`.
+///
+/// `q` may be longer than `x` (kernels want rows padded to whole blocks): the tail is zeroed.
+pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
+    debug_assert!(q.len() >= x.len());
+    let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
+    let s = (1.0 / amax.max(QUANT_EPS)) * 127.0;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        *qi = (xi * s).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    q[x.len()..].fill(0);
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_rounding_is_half_to_even() {
+        // max 127 gives s_x = 1 exactly, so x*s_x = x and the ties are visible.
+        let x = [127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.4999];
+        let mut q = [0i8; 10];
+        let s = quantize_activations(&x, &mut q);
+        assert_eq!(s, 1.0);
+        assert_eq!(q, [127, 0, 2, 2, 0, -2, -2, 3, 0, 0]);
+    }
+
+    #[test]
+    fn activation_extremes_and_zero_input() {
+        let mut q = [0i8; 3];
+        let s = quantize_activations(&[-2.0, 1.0, 2.0], &mut q);
+        assert_eq!(s, 63.5);
+        assert_eq!(q, [-127, 64, 127]); // 63.5 rounds to the even 64
+        let s0 = quantize_activations(&[0.0, 0.0, 0.0], &mut q);
+        assert_eq!(s0, 127.0 / 1e-5);
+        assert_eq!(q, [0, 0, 0]);
+    }
+
+    #[test]
+    fn weight_codes_follow_absmean() {
+        // mean |w| = 1, so s_w = 1: codes are round(w) clamped.
+        let w = [0.5, -0.5, 1.5, -2.0, 0.0, 1.5];
+        let (codes, s) = quantize_weights(&w);
+        assert_eq!(s, 1.0);
+        assert_eq!(codes, vec![0, 0, 1, -1, 0, 1]);
+        let (zero_codes, s0) = quantize_weights(&[0.0; 4]);
+        assert_eq!(s0, 1e5);
+        assert_eq!(zero_codes, vec![0; 4]);
+    }
+}

@@ -1,0 +1,169 @@
+//! The runtime ternary layout that every kernel streams.
+//!
+//! Each output row is cut into blocks of [`BLOCK_ELEMS`] = 128 weights stored in
+//! [`BLOCK_BYTES`] = 32 bytes. Byte `j` of a block holds the codes `t + 1` of elements `j`,
+//! `j + 32`, `j + 64` and `j + 96` in bits 7-6, 5-4, 3-2 and 1-0. One 32-byte load, four
+//! shifts and a mask give four vectors of 32 consecutive codes that line up with 32
+//! consecutive int8 activations, so a SIMD kernel streams weights with no shuffles and no
+//! per-call repacking. The last block of a row is padded with code 1 (weight 0); activations
+//! are padded with zeros to the same length. (This is also bitnet.cpp's x86 I2_S block, so such
+//! tensors whose rows are whole blocks need no repacking.)
+
+use bitnet_core::{AlignedBuffer, Storage};
+
+use crate::{Error, Result};
+
+/// Weights per block.
+pub const BLOCK_ELEMS: usize = 128;
+/// Bytes per block (2 bits per weight).
+pub const BLOCK_BYTES: usize = 32;
+
+/// A `[rows, cols]` ternary matrix in the runtime layout.
+#[derive(Debug, Clone)]
+pub struct TernaryMatrix {
+    rows: usize,
+    cols: usize,
+    data: Storage,
+}
+
+/// The code byte of weight `k` within its block, and the shift of its two bits.
+#[inline]
+fn position(k: usize) -> (usize, u32) {
+    let lane = k % BLOCK_ELEMS;
+    (lane % 32, 6 - 2 * (lane / 32) as u32)
+}
+
+impl TernaryMatrix {
+    /// Number of blocks per row for `cols` inputs.
+    pub fn blocks_per_row(cols: usize) -> usize {
+        cols.div_ceil(BLOCK_ELEMS)
+    }
+
+    /// Length of the padded activation row the kernels expect for `cols` inputs.
+    pub fn padded_cols(cols: usize) -> usize {
+        Self::blocks_per_row(cols) * BLOCK_ELEMS
+    }
+
+    /// Packs row-major codes in {-1, 0, 1} (`rows * cols` of them).
+    pub fn from_codes(codes: &[i8], rows: usize, cols: usize) -> Result<Self> {
+        if codes.len() != rows * cols {
+            return Err(Error::InvalidInput(format!(
+                "{} ternary codes cannot form a [{rows}, {cols}] matrix",
+                codes.len()
+            )));
+        }
+        let row_bytes = Self::blocks_per_row(cols) * BLOCK_BYTES;
+        // Code 1 (weight 0) in every slot, so padding contributes nothing.
+        let mut buf = AlignedBuffer::zeroed(rows * row_bytes);
+        buf.as_mut_bytes().fill(0b0101_0101);
+        let bytes = buf.as_mut_bytes();
+        for (r, row) in codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
+            let dst = &mut bytes[r * row_bytes..(r + 1) * row_bytes];
+            for (k, &t) in row.iter().enumerate() {
+                if !(-1..=1).contains(&t) {
+                    return Err(Error::InvalidInput(format!(
+                        "code {t} at [{r}, {k}] is not ternary"
+                    )));
+                }
+                let (byte, shift) = position(k);
+                let slot = &mut dst[(k / BLOCK_ELEMS) * BLOCK_BYTES + byte];
+                *slot = (*slot & !(3 << shift)) | (((t + 1) as u8) << shift);
+            }
+        }
+        Ok(TernaryMatrix {
+            rows,
+            cols,
+            data: Storage::heap(buf),
+        })
+    }
+
+    /// Wraps bytes already in the runtime layout (for example a mapped file region);
+    /// fails if their length does not match the shape.
+    pub fn from_storage(data: Storage, rows: usize, cols: usize) -> Result<Self> {
+        let want = rows * Self::blocks_per_row(cols) * BLOCK_BYTES;
+        if data.len() != want {
+            return Err(Error::InvalidInput(format!(
+                "a [{rows}, {cols}] ternary matrix takes {want} bytes, got {}",
+                data.len()
+            )));
+        }
+        Ok(TernaryMatrix { rows, cols, data })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes per row, padding included.
+    pub fn row_bytes(&self) -> usize {
+        Self::blocks_per_row(self.cols) * BLOCK_BYTES
+    }
+
+    /// The packed bytes, `rows * row_bytes` of them.
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
+    }
+
+    /// The storage behind the bytes.
+    pub fn storage(&self) -> &Storage {
+        &self.data
+    }
+
+    /// The code of weight `(r, k)`, in {-1, 0, 1}.
+    pub fn get(&self, r: usize, k: usize) -> i8 {
+        let (byte, shift) = position(k);
+        let b = self.bytes()[r * self.row_bytes() + (k / BLOCK_ELEMS) * BLOCK_BYTES + byte];
+        ((b >> shift) & 3) as i8 - 1
+    }
+
+    /// All codes, row-major `[rows, cols]` (for checks and export, not for the hot path).
+    pub fn to_codes(&self) -> Vec<i8> {
+        let mut out = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            out.extend((0..self.cols).map(|k| self.get(r, k)));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn block_layout_matches_the_doc() {
+        // Element 0 -> byte 0 bits 7-6, element 32 -> byte 0 bits 5-4, 96 -> bits 1-0.
+        let mut codes = vec![0i8; 130];
+        codes[0] = 1;
+        codes[32] = -1;
+        codes[96] = 1;
+        codes[129] = -1;
+        let m = TernaryMatrix::from_codes(&codes, 1, 130).unwrap();
+        assert_eq!(m.row_bytes(), 64);
+        assert_eq!(m.bytes()[0], 0b10_00_01_10);
+        assert_eq!(m.bytes()[32 + 1], 0b00_01_01_01);
+        assert_eq!(m.bytes()[2], 0b0101_0101);
+        assert!(TernaryMatrix::from_codes(&[2], 1, 1).is_err());
+        assert!(TernaryMatrix::from_codes(&[0; 3], 2, 2).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn codes_round_trip(rows in 1usize..6, cols in 1usize..300, seed in any::<u64>()) {
+            let mut s = seed;
+            let codes: Vec<i8> = (0..rows * cols).map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) % 3) as i8 - 1
+            }).collect();
+            let m = TernaryMatrix::from_codes(&codes, rows, cols).unwrap();
+            prop_assert_eq!(m.to_codes(), codes);
+        }
+    }
+}
