@@ -6,20 +6,64 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use bitnet_core::{init_global_pool, ScratchArena};
+use bitnet_inference::config::Activation;
+use bitnet_inference::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
 use bitnet_inference::generate::{generate as run_generation, GenerateOptions};
-use bitnet_inference::loader::{self, LoadedModel, ModelKind};
-use bitnet_inference::model::{LogitsFor, SeqStep};
+use bitnet_inference::loader::{self, LoadOptions, LoadedModel, ModelKind};
+use bitnet_inference::model::{GgufOptions, LogitsFor, SeqStep};
 use bitnet_inference::sampler::SamplerConfig;
+use bitnet_quant::i2s::I2sLayout;
 use clap::Args;
 
 use crate::ThreadArgs;
 
+/// Which model to load and how.
+#[derive(Args)]
+pub struct ModelArgs {
+    /// A Hugging Face model folder or a GGUF file.
+    #[arg(long)]
+    model: PathBuf,
+    /// GGUF only: the FFN activation (relu2 or silu), overriding the file's
+    /// `<arch>.hidden_activation` (default relu2).
+    #[arg(long)]
+    activation: Option<String>,
+    /// GGUF only: the block layout of I2_S tensors, x86 or arm (default: what the file
+    /// records, else x86; bitnet.cpp's files do not say). For `convert`: the layout written.
+    #[arg(long)]
+    i2s_layout: Option<String>,
+}
+
+impl ModelArgs {
+    fn options(&self) -> Result<LoadOptions> {
+        Ok(LoadOptions {
+            gguf: GgufOptions {
+                activation: self
+                    .activation
+                    .as_deref()
+                    .map(Activation::parse)
+                    .transpose()?,
+                i2s_layout: self
+                    .i2s_layout
+                    .as_deref()
+                    .map(I2sLayout::parse)
+                    .transpose()?,
+            },
+        })
+    }
+
+    fn load(&self) -> Result<(LoadedModel, f64)> {
+        let t = Instant::now();
+        let m = loader::load(&self.model, &self.options()?)
+            .with_context(|| format!("loading {}", self.model.display()))?;
+        Ok((m, t.elapsed().as_secs_f64()))
+    }
+}
+
 /// Arguments of `bitnet generate`.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A Hugging Face model folder.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The prompt.
     #[arg(long)]
     prompt: String,
@@ -52,9 +96,8 @@ pub struct GenerateArgs {
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["ids", "prompt"])))]
 pub struct LogitsArgs {
-    /// A Hugging Face model folder.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
     ids: Option<Vec<u32>>,
@@ -74,9 +117,8 @@ pub struct LogitsArgs {
 /// Arguments of `bitnet perplexity`.
 #[derive(Args)]
 pub struct PerplexityArgs {
-    /// A Hugging Face model folder.
-    #[arg(long)]
-    model: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
     /// The text file to score (its exact bytes, UTF-8).
     #[arg(long)]
     file: PathBuf,
@@ -95,19 +137,13 @@ fn init_threads(t: ThreadArgs) -> Result<usize> {
     Ok(init_global_pool(t.threads)?)
 }
 
-fn load(path: &Path) -> Result<(LoadedModel, f64)> {
-    let t = Instant::now();
-    let m = loader::load(path).with_context(|| format!("loading {}", path.display()))?;
-    Ok((m, t.elapsed().as_secs_f64()))
-}
-
 /// `bitnet generate`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let threads = init_threads(a.threads)?;
-    let (m, load_s) = load(&a.model)?;
+    let (m, load_s) = a.model.load()?;
     eprintln!(
         "loaded {} in {:.2} s ({} threads, kernels: {})",
-        a.model.display(),
+        a.model.model.display(),
         load_s,
         threads,
         m.model.kernels().name
@@ -152,7 +188,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 /// `bitnet logits`.
 pub fn logits(a: LogitsArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let (m, _) = load(&a.model)?;
+    let (m, _) = a.model.load()?;
     let ids = match (&a.ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(p)) => m.tokenizer.encode(p, true)?,
@@ -203,7 +239,7 @@ pub fn logits(a: LogitsArgs) -> Result<()> {
 /// `bitnet perplexity`.
 pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let (m, _) = load(&a.model)?;
+    let (m, _) = a.model.load()?;
     let bytes = std::fs::read(&a.file).with_context(|| format!("reading {}", a.file.display()))?;
     let text = String::from_utf8(bytes)
         .with_context(|| format!("{} is not UTF-8 text", a.file.display()))?;
@@ -287,5 +323,84 @@ fn inspect_hf(dir: &Path) -> Result<()> {
 }
 
 fn inspect_gguf(path: &Path) -> Result<()> {
-    bail!("{}: GGUF inspection is not available yet", path.display())
+    use bitnet_inference::formats::gguf::GgufFile;
+    let g = GgufFile::open(path)?;
+    let stdout = std::io::stdout();
+    let mut o = stdout.lock();
+    writeln!(
+        o,
+        "model: {} (GGUF v{}, alignment {}, data at byte {})",
+        path.display(),
+        g.version(),
+        g.alignment(),
+        g.data_offset()
+    )?;
+    writeln!(o, "metadata ({} keys):", g.metadata().len())?;
+    for (key, value) in g.metadata() {
+        writeln!(o, "  {key} [{}] = {value}", value.value_type())?;
+    }
+    writeln!(o, "tensors ({}):", g.tensors().len())?;
+    let mut total = 0usize;
+    for t in g.tensors() {
+        let dims: Vec<u64> = t.dims.clone();
+        total += t.n_bytes();
+        writeln!(
+            o,
+            "  {:<40} {:<6} ne={:<16} offset={:<10} {:>12} bytes",
+            t.name,
+            t.ggml_type.name(),
+            format!("{dims:?}"),
+            t.offset,
+            t.n_bytes()
+        )?;
+    }
+    writeln!(
+        o,
+        "total: {} tensors, {total} bytes ({:.2} MiB)",
+        g.tensors().len(),
+        total as f64 / (1 << 20) as f64
+    )?;
+    Ok(())
+}
+
+/// Arguments of `bitnet convert`.
+#[derive(Args)]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Output GGUF file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Type of the ternary linears: tq1_0, tq2_0, i2_s or f16.
+    #[arg(long = "type")]
+    linear_type: String,
+    /// Type of the embedding (and untied head): f16, q8_0 or f32.
+    #[arg(long, default_value = "f16")]
+    embedding_type: String,
+}
+
+/// `bitnet convert`.
+pub fn convert(mut a: ConvertArgs) -> Result<()> {
+    // Here --i2s-layout names the layout to write; a source I2_S file is read by its record.
+    let out_layout = a.model.i2s_layout.take();
+    let opts = ConvertOptions {
+        linear: LinearType::parse(&a.linear_type)?,
+        embedding: EmbeddingType::parse(&a.embedding_type)?,
+        i2s_layout: out_layout
+            .as_deref()
+            .map(I2sLayout::parse)
+            .transpose()?
+            .unwrap_or_default(),
+    };
+    let (m, _) = a.model.load()?;
+    convert_to_gguf(&m, &opts, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let bytes = std::fs::metadata(&a.out).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "wrote {} ({:.2} MiB, linears {}, embedding {})",
+        a.out.display(),
+        bytes as f64 / (1 << 20) as f64,
+        a.linear_type,
+        a.embedding_type
+    );
+    Ok(())
 }

@@ -3,6 +3,7 @@
 mod commands;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -30,6 +31,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Perplexity of a model on a text file.
     Perplexity(commands::PerplexityArgs),
+    /// Write a model as GGUF (TQ1_0, TQ2_0, I2_S or F16 linears).
+    Convert(commands::ConvertArgs),
     /// Show a model's configuration and tensors.
     Inspect {
         /// A Hugging Face model folder or a GGUF file.
@@ -37,12 +40,31 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        // A closed pipe (`bitnet inspect ... | head`) is the reader's choice, not a failure.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(a) => commands::generate(a),
         Command::Logits(a) => commands::logits(a),
         Command::Perplexity(a) => commands::perplexity(a),
+        Command::Convert(a) => commands::convert(a),
         Command::Inspect { path } => commands::inspect(&path),
     }
 }

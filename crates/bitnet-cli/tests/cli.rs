@@ -237,7 +237,7 @@ fn rewrite_tensors(
 
 /// Runs `bitnet logits` on a broken model and returns its stderr, checking it failed cleanly.
 fn fails_cleanly(model: &Path, ids: &str) -> String {
-    let out = model.join("out.npy");
+    let out = std::env::temp_dir().join(format!("bitnet-cli-{}-fail.npy", std::process::id()));
     let o = bitnet(&[
         "logits",
         "--model",
@@ -323,4 +323,76 @@ fn bad_models_and_inputs_give_clear_errors() {
     std::fs::write(d.join("tokenizer.json"), "{ not json").unwrap();
     let e = fails_cleanly(&d, "1");
     assert!(e.contains("tokenizer"), "{e}");
+}
+
+#[test]
+fn gguf_logits_match_transformers_full_and_incremental() {
+    let dir = scratch("gguf");
+    let ids = prompt_ids_arg();
+    let (_, want) = read_f32(&fixture("ref/logits_gguf_equiv_f32.npy"));
+    for f in ["tiny-bitnet-TQ1_0.gguf", "tiny-bitnet-TQ2_0.gguf"] {
+        let model = fixture(&format!("gguf/{f}"));
+        for extra in [vec!["--ids", &ids], vec!["--ids", &ids, "--incremental"]] {
+            let (_, got) = logits(&model, &extra, &dir, "g.npy");
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= 1e-4, "{f} {extra:?}: max abs diff {d}");
+        }
+    }
+}
+
+#[test]
+fn convert_writes_a_gguf_that_inspect_and_logits_read() {
+    let dir = scratch("convert");
+    let out = dir.join("m.gguf");
+    let o = bitnet(&[
+        "convert",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--type",
+        "tq2_0",
+        "--embedding-type",
+        "f32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = bitnet(&["inspect", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = String::from_utf8(o.stdout).unwrap();
+    for needle in [
+        "general.architecture [string] = \"bitnet\"",
+        "bitnet.hidden_activation",
+        "tokenizer.ggml.merges",
+        "blk.0.attn_q.weight",
+        "TQ2_0",
+        "offset=",
+    ] {
+        assert!(s.contains(needle), "missing {needle}: {s}");
+    }
+    // TQ2_0 rounds the bf16 scales to f16: close to, not equal to, the source's logits.
+    let ids = prompt_ids_arg();
+    let (_, got) = logits(&out, &["--ids", &ids], &dir, "c.npy");
+    let (_, src) = read_f32(&fixture("ref/logits_packed_f32.npy"));
+    let d = max_abs_diff(&got, &src);
+    assert!(d < 1.0, "max abs diff {d}");
+    let bad = bitnet(&[
+        "convert",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--type",
+        "q4_0",
+    ]);
+    assert!(!bad.status.success() && stderr(&bad).contains("q4_0"));
+}
+
+#[test]
+fn corrupt_gguf_is_a_clear_error() {
+    let dir = scratch("badgguf");
+    let bytes = std::fs::read(fixture("gguf/tiny-bitnet-TQ2_0.gguf")).unwrap();
+    let f = dir.join("cut.gguf");
+    std::fs::write(&f, &bytes[..20_000]).unwrap();
+    let e = fails_cleanly(&f, "1");
+    assert!(e.contains("cut.gguf"), "{e}");
 }

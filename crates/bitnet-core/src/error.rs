@@ -7,13 +7,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be opened, mapped or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {err}")]
     Io {
         /// The file in question.
         path: PathBuf,
-        /// What the operating system said.
-        #[source]
-        source: std::io::Error,
+        /// What the operating system said (part of the message, so not also a `source`).
+        err: std::io::Error,
     },
     /// A model file is malformed: truncated, inconsistent or of an unknown layout.
     #[error("invalid model file {path}: {reason}")]
@@ -77,10 +76,10 @@ impl Error {
     }
 
     /// Builds a [`Error::Io`] for `path`.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, err: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            err,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`tokenizer`] turns them into text.
 
 pub mod config;
+pub mod convert;
 pub mod formats;
 pub mod generate;
 pub mod kv_cache;

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::model::Model;
+use crate::formats::gguf::GgufFile;
+use crate::formats::gguf_tokenizer::{chat_template, tokenizer_from_gguf};
+use crate::model::{GgufOptions, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -12,8 +14,17 @@ pub struct LoadedModel {
     pub model: Model,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
+    /// The chat template, when the model ships one.
+    pub chat_template: Option<String>,
     /// Where it was loaded from.
     pub source: PathBuf,
+}
+
+/// Choices the user can make at load time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// GGUF only: the FFN activation and the I2_S block layout.
+    pub gguf: GgufOptions,
 }
 
 /// The kinds of model path we recognise.
@@ -47,24 +58,41 @@ pub fn detect(path: &Path) -> Result<ModelKind> {
     }
 }
 
-/// Loads the model at `path` and its tokenizer.
-pub fn load(path: &Path) -> Result<LoadedModel> {
-    match detect(path)? {
-        ModelKind::HfFolder => {
-            let model = Model::from_hf_folder(path)?;
-            let tokenizer = Tokenizer::from_file(&path.join("tokenizer.json"))?;
-            check_vocab(&model, &tokenizer, path)?;
-            Ok(LoadedModel {
-                model,
-                tokenizer,
+/// Loads the model at `path` (an HF folder or a GGUF file) and its tokenizer.
+pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
+    let loaded = match detect(path)? {
+        ModelKind::HfFolder => LoadedModel {
+            model: Model::from_hf_folder(path)?,
+            tokenizer: Tokenizer::from_file(&path.join("tokenizer.json"))?,
+            chat_template: hf_chat_template(path)?,
+            source: path.to_path_buf(),
+        },
+        ModelKind::Gguf => {
+            let gguf = GgufFile::open(path)?;
+            LoadedModel {
+                model: Model::from_gguf(&gguf, &opts.gguf)?,
+                tokenizer: tokenizer_from_gguf(&gguf)?,
+                chat_template: chat_template(&gguf),
                 source: path.to_path_buf(),
-            })
+            }
         }
-        ModelKind::Gguf => Err(Error::format(
-            path,
-            "GGUF models cannot be run yet: convert it to a Hugging Face folder or use one",
-        )),
+    };
+    check_vocab(&loaded.model, &loaded.tokenizer, path)?;
+    Ok(loaded)
+}
+
+/// The `chat_template` string of an HF folder's `tokenizer_config.json`, if any.
+fn hf_chat_template(dir: &Path) -> Result<Option<String>> {
+    let p = dir.join("tokenizer_config.json");
+    if !p.is_file() {
+        return Ok(None);
     }
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::format(&p, format!("not valid JSON: {e}")))?;
+    Ok(v.get("chat_template")
+        .and_then(|t| t.as_str())
+        .map(str::to_string))
 }
 
 /// A tokenizer whose ids run past the embedding would index outside it.

@@ -4,7 +4,8 @@ use rayon::prelude::*;
 
 use crate::kernels::Kernels;
 use crate::quantize::quantize_activations;
-use crate::TernaryMatrix;
+use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+use crate::{Error, Result, TernaryMatrix};
 
 /// How a layer's stored weight scale turns integer sums into outputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -35,11 +36,23 @@ impl WeightScale {
     }
 }
 
-/// A bias-free BitNet linear layer: `[out, in]` ternary weights and one per-tensor scale.
+/// One weight step per block of `block` consecutive weights of a row (GGUF TQ files store
+/// one f16 scale per 256 weights): weight = code * `scales[row * blocks_per_row + b]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockScales {
+    /// Weights per scale block, a multiple of [`BLOCK_ELEMS`].
+    pub block: usize,
+    /// Row-major `[rows, cols / block]`.
+    pub scales: Vec<f32>,
+}
+
+/// A bias-free BitNet linear layer: `[out, in]` ternary weights and one per-tensor scale, or
+/// (rare: files whose blocks were quantized separately) one scale per block of weights.
 #[derive(Debug, Clone)]
 pub struct BitLinear {
     weight: TernaryMatrix,
     scale: WeightScale,
+    block_scales: Option<BlockScales>,
 }
 
 /// Rows per parallel task in decode: enough work to amortise a task, few enough to balance.
@@ -48,7 +61,41 @@ const ROWS_PER_TASK: usize = 64;
 impl BitLinear {
     /// A layer from its weights and scale.
     pub fn new(weight: TernaryMatrix, scale: WeightScale) -> Self {
-        BitLinear { weight, scale }
+        BitLinear {
+            weight,
+            scale,
+            block_scales: None,
+        }
+    }
+
+    /// A layer whose weight steps differ from block to block. `y = sum_b d_b * acc_b / s_x`,
+    /// with each block's exact integer sum `acc_b` scaled separately.
+    pub fn with_block_scales(weight: TernaryMatrix, scales: BlockScales) -> Result<Self> {
+        let cols = weight.cols();
+        if scales.block == 0 || scales.block % BLOCK_ELEMS != 0 || cols % scales.block != 0 {
+            return Err(Error::InvalidInput(format!(
+                "scale blocks of {} weights do not tile rows of {cols}",
+                scales.block
+            )));
+        }
+        if scales.scales.len() != weight.rows() * (cols / scales.block) {
+            return Err(Error::InvalidInput(format!(
+                "{} block scales for a [{}, {cols}] matrix with blocks of {}",
+                scales.scales.len(),
+                weight.rows(),
+                scales.block
+            )));
+        }
+        Ok(BitLinear {
+            weight,
+            scale: WeightScale::Direct(1.0),
+            block_scales: Some(scales),
+        })
+    }
+
+    /// The per-block scales, when the layer has them (then [`Self::scale`] is not used).
+    pub fn block_scales(&self) -> Option<&BlockScales> {
+        self.block_scales.as_ref()
     }
 
     /// The ternary weights.
@@ -109,6 +156,10 @@ impl BitLinear {
         y: &mut [f32],
     ) {
         let tokens = s_x.len();
+        if let Some(bs) = &self.block_scales {
+            self.forward_block_scaled(kernels, bs, xq, s_x, y);
+            return;
+        }
         self.forward_i32(kernels, xq, tokens, acc);
         let rows = self.out_features();
         for ((yt, at), &s) in y
@@ -120,6 +171,40 @@ impl BitLinear {
                 *yo = self.scale.apply(a, s);
             }
         }
+    }
+
+    fn forward_block_scaled(
+        &self,
+        kernels: &Kernels,
+        bs: &BlockScales,
+        xq: &[i8],
+        s_x: &[f32],
+        y: &mut [f32],
+    ) {
+        let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
+        let (rows, k) = (self.out_features(), self.padded_in());
+        let per_row = self.in_features() / bs.block;
+        let block_bytes = bs.block / BLOCK_ELEMS * BLOCK_BYTES;
+        y.par_chunks_mut(rows)
+            .zip(xq.par_chunks(k))
+            .zip(s_x.par_iter())
+            .for_each(|((yt, x), &s)| {
+                for (r, yo) in yt.iter_mut().enumerate() {
+                    let row = &w[r * rb..(r + 1) * rb];
+                    let mut sum = 0f32;
+                    for b in 0..per_row {
+                        let mut acc = [0i32];
+                        (kernels.gemv)(
+                            &row[b * block_bytes..(b + 1) * block_bytes],
+                            block_bytes,
+                            &x[b * bs.block..(b + 1) * bs.block],
+                            &mut acc,
+                        );
+                        sum += acc[0] as f32 * bs.scales[r * per_row + b];
+                    }
+                    *yo = sum / s;
+                }
+            });
     }
 
     /// Convenience for tests and tools: quantizes `x` (`tokens * in` f32) and returns
@@ -165,5 +250,25 @@ mod tests {
         assert_eq!(sx, vec![1.0, 1.0]);
         assert_eq!(&q[..3], &[127, 3, -5]);
         assert_eq!(y, vec![66.0, 62.5, 64.0, -62.0]);
+    }
+
+    #[test]
+    fn block_scales_weight_each_block() {
+        // One row of 256 weights: +1 everywhere; block 0 step 0.5, block 1 step 2.
+        let w = TernaryMatrix::from_codes(&[1i8; 256], 1, 256).unwrap();
+        let bs = BlockScales {
+            block: 128,
+            scales: vec![0.5, 2.0],
+        };
+        let layer = BitLinear::with_block_scales(w.clone(), bs).unwrap();
+        let mut x = vec![1.0f32; 256];
+        x[0] = 127.0; // s_x = 1
+        let (_, _, y) = layer.forward_f32(Kernels::get(), &x);
+        assert_eq!(y, vec![0.5 * (127.0 + 127.0) + 2.0 * 128.0]);
+        let bad = BlockScales {
+            block: 100,
+            scales: vec![1.0; 3],
+        };
+        assert!(BitLinear::with_block_scales(w, bad).is_err());
     }
 }

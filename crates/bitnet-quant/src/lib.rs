@@ -3,16 +3,22 @@
 //! - [`quantize`]: the exact quantizers (absmean ternary weights, per-token absmax int8
 //!   activations, round half to even).
 //! - [`hf_packed`]: the Hugging Face packed layout (four 2-bit codes per byte, row blocks).
+//! - [`tq`] and [`i2s`]: the GGUF ternary formats of llama.cpp (TQ1_0, TQ2_0) and bitnet.cpp
+//!   (I2_S).
 //! - [`TernaryMatrix`]: the runtime layout every kernel streams.
 //! - [`kernels`]: ternary x int8 products behind one dispatch table, with the scalar reference.
 //! - [`BitLinear`]: an inference linear layer built from the above.
 
 pub mod bitlinear;
 pub mod hf_packed;
+pub mod i2s;
 pub mod kernels;
+pub mod q8_0;
 pub mod quantize;
 pub mod ternary;
+pub mod tq;
 
+pub use bitlinear::BlockScales;
 pub use bitlinear::{BitLinear, WeightScale};
 pub use quantize::{quantize_activations, quantize_weights, weight_scale};
 pub use ternary::{TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS};

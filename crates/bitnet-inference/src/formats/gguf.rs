@@ -1333,6 +1333,19 @@ fn tensor_range(
     Ok(start..end)
 }
 
+/// Parses and validates a whole GGUF file held in `bytes` with exactly the checks of
+/// [`GgufFile::parse`] (the same code path, minus the memory map) and returns its metadata
+/// entries and tensor infos in file order, or the reason it is invalid. Every returned
+/// [`GgufTensorInfo::data_range`] lies inside `bytes`. Meant for fuzzing
+/// (`fuzz/fuzz_targets/gguf_reader.rs`) and tests, where inputs are byte slices rather than
+/// files.
+#[allow(clippy::type_complexity)]
+pub fn parse_gguf_bytes(
+    bytes: &[u8],
+) -> std::result::Result<(Vec<(String, GgufValue)>, Vec<GgufTensorInfo>), String> {
+    parse_bytes(bytes).map(|p| (p.metadata, p.tensors))
+}
+
 /// Parses and validates a whole GGUF file held in `bytes`; the error is the reason only.
 pub(crate) fn parse_bytes(bytes: &[u8]) -> PResult<Parsed> {
     let mut r = Reader { bytes, pos: 0 };

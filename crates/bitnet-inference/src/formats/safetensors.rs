@@ -2,6 +2,7 @@
 //! `model.safetensors.index.json`, mapped read-only; tensors are borrowed from the map.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -196,8 +197,43 @@ impl SafetensorsCheckpoint {
 
 /// Parses the header of a mapped safetensors file and returns its tensors as borrowed views.
 pub fn read_file(file: &Arc<MappedFile>) -> Result<Vec<TensorEntry>> {
-    let path = file.path();
-    let bytes = file.bytes();
+    let mut out = Vec::new();
+    for t in parse_header(file.path(), file.bytes())? {
+        let storage = Storage::mapped(file.clone(), t.range)?;
+        out.push(TensorEntry {
+            name: t.name,
+            dtype: t.dtype,
+            shape: t.shape,
+            storage,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+/// Validates `bytes`, the whole of a safetensors file, exactly as [`read_file`] does (the
+/// same code path, minus the memory map) and returns the number of tensors it holds, or the
+/// reason it is invalid. Meant for fuzzing (`fuzz/fuzz_targets/safetensors_header.rs`) and
+/// tests, where inputs are byte slices rather than files.
+pub fn parse_header_bytes(bytes: &[u8]) -> std::result::Result<usize, String> {
+    parse_header(Path::new("<bytes>"), bytes)
+        .map(|tensors| tensors.len())
+        .map_err(|e| e.to_string())
+}
+
+/// One tensor as a safetensors header describes it, checked against the file's bytes.
+struct HeaderTensor {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    range: Range<usize>,
+}
+
+/// Parses and validates the header of the safetensors file held in `bytes` (read from
+/// `path`, named in errors): the safetensors crate's rules, then a supported dtype, sizes
+/// matching shapes (with overflow checks) and every tensor's bytes inside the file.
+fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderTensor>> {
+    check_offsets_inside(path, bytes)?;
     let (header_len, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::format(path, format!("bad safetensors header: {e}")))?;
     let data_start = 8 + header_len;
@@ -221,14 +257,101 @@ pub fn read_file(file: &Arc<MappedFile>) -> Result<Vec<TensorEntry>> {
                 format!("tensor `{name}` byte size does not match its shape"),
             ));
         }
-        let storage = Storage::mapped(file.clone(), range)?;
-        out.push(TensorEntry {
+        if bytes.get(range.clone()).is_none() {
+            return Err(Error::format(
+                path,
+                format!(
+                    "tensor `{name}` bytes {}..{} lie outside the file ({} bytes)",
+                    range.start,
+                    range.end,
+                    bytes.len()
+                ),
+            ));
+        }
+        out.push(HeaderTensor {
             name,
             dtype,
             shape: info.shape.clone(),
-            storage,
+            range,
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
+}
+
+/// Rejects a header whose `data_offsets` point past the end of the file, before the
+/// safetensors crate sees it: `read_metadata` (0.6) adds the last end offset to the header
+/// length unchecked, which panics with overflow checks on (debug and test builds) for offsets
+/// near `usize::MAX` (found by `fuzz/fuzz_targets/safetensors_header.rs`). Such offsets are
+/// invalid anyway, so this only changes which error they get; a header that does not parse
+/// here is left for `read_metadata` to reject with its own message.
+fn check_offsets_inside(path: &Path, bytes: &[u8]) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        #[serde(default)]
+        data_offsets: Option<(u64, u64)>,
+    }
+    let Some(header) = bytes
+        .get(..8)
+        .and_then(|n| usize::try_from(u64::from_le_bytes(n.try_into().ok()?)).ok())
+        .and_then(|n| bytes.get(8..8usize.checked_add(n)?))
+    else {
+        return Ok(());
+    };
+    let Ok(entries) = serde_json::from_slice::<std::collections::HashMap<String, Entry>>(header)
+    else {
+        return Ok(());
+    };
+    for (name, entry) in &entries {
+        if let Some((s, e)) = entry.data_offsets {
+            if s.max(e) > bytes.len() as u64 {
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "tensor `{name}` data offsets [{s}, {e}] lie past the end of the \
+                         file ({} bytes)",
+                        bytes.len()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header whose offsets sum to nearly `usize::MAX` must be an error, not an overflow
+    /// panic inside the safetensors crate (fuzz regression seed
+    /// `fuzz/corpus/safetensors_header/regress-offset-overflow.safetensors`).
+    #[test]
+    fn huge_offsets_fail_without_overflow() {
+        let size = (1u64 << 61) - 1;
+        let entries: Vec<String> = (0..8u64)
+            .map(|i| {
+                format!(
+                    "\"t{i}\":{{\"dtype\":\"U8\",\"shape\":[{size}],\"data_offsets\":[{},{}]}}",
+                    i * size,
+                    (i + 1) * size
+                )
+            })
+            .collect();
+        let header = format!("{{{}}}", entries.join(","));
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        let err = parse_header_bytes(&bytes).unwrap_err();
+        assert!(err.contains("past the end of the file"), "{err}");
+    }
+
+    #[test]
+    fn parse_header_bytes_counts_tensors() {
+        let header = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        assert_eq!(parse_header_bytes(&bytes), Ok(1));
+        bytes.pop();
+        assert!(parse_header_bytes(&bytes).is_err());
+    }
 }

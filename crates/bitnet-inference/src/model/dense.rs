@@ -1,4 +1,4 @@
-//! Full-precision matrices (embeddings, output head) kept in their file dtype.
+//! Full-precision matrices (embeddings, output head) kept in their file format.
 
 use bitnet_core::{DType, Storage};
 use half::{bf16, f16};
@@ -6,42 +6,142 @@ use rayon::prelude::*;
 
 use crate::{Error, Result};
 
-/// A row-major `[rows, cols]` matrix of f32, f16 or bf16 values, borrowed from the model file
-/// where possible: a 128k x 2560 embedding would cost 1.3 GB as f32.
+/// How a [`DenseMatrix`] stores its values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenseFormat {
+    /// f32.
+    F32,
+    /// IEEE f16.
+    F16,
+    /// bfloat16.
+    BF16,
+    /// ggml Q8_0: blocks of 32 int8 values with one f16 scale (34 bytes).
+    Q8_0,
+}
+
+/// Values per Q8_0 block.
+const Q8_0_BLOCK: usize = 32;
+/// Bytes per Q8_0 block.
+const Q8_0_BYTES: usize = 34;
+
+impl DenseFormat {
+    /// The format of a float dtype; `None` for integer dtypes.
+    pub fn from_dtype(d: DType) -> Option<Self> {
+        match d {
+            DType::F32 => Some(DenseFormat::F32),
+            DType::F16 => Some(DenseFormat::F16),
+            DType::BF16 => Some(DenseFormat::BF16),
+            DType::I8 | DType::U8 => None,
+        }
+    }
+
+    /// Bytes of a row of `cols` values, or `None` if `cols` does not fit the format's blocks.
+    pub fn row_bytes(self, cols: usize) -> Option<usize> {
+        match self {
+            DenseFormat::F32 => Some(cols * 4),
+            DenseFormat::F16 | DenseFormat::BF16 => Some(cols * 2),
+            DenseFormat::Q8_0 => (cols % Q8_0_BLOCK == 0).then_some(cols / Q8_0_BLOCK * Q8_0_BYTES),
+        }
+    }
+
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            DenseFormat::F32 => "F32",
+            DenseFormat::F16 => "F16",
+            DenseFormat::BF16 => "BF16",
+            DenseFormat::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+/// A row-major `[rows, cols]` matrix borrowed from the model file where possible: a
+/// 128k x 2560 embedding would cost 1.3 GB as f32.
 #[derive(Debug, Clone)]
 pub struct DenseMatrix {
-    dtype: DType,
+    format: DenseFormat,
     rows: usize,
     cols: usize,
+    row_bytes: usize,
     data: Storage,
 }
 
 /// Rows per parallel task of the head: large enough to amortise scheduling.
 const HEAD_ROWS_PER_TASK: usize = 256;
 
-impl DenseMatrix {
-    /// Wraps `data` holding `rows * cols` values of `dtype`.
-    pub fn new(name: &str, dtype: DType, rows: usize, cols: usize, data: Storage) -> Result<Self> {
-        if !dtype.is_float() {
-            return Err(Error::TensorDType {
-                name: name.into(),
-                expected: "F32, F16 or BF16".into(),
-                found: dtype.to_string(),
-            });
+/// Calls `f(k, value)` for each value of a stored row, decoding it exactly to f32.
+#[inline]
+fn for_each_value(format: DenseFormat, b: &[u8], mut f: impl FnMut(usize, f32)) {
+    match format {
+        DenseFormat::F32 => b
+            .chunks_exact(4)
+            .enumerate()
+            .for_each(|(k, c)| f(k, f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        DenseFormat::F16 => b
+            .chunks_exact(2)
+            .enumerate()
+            .for_each(|(k, c)| f(k, f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DenseFormat::BF16 => b
+            .chunks_exact(2)
+            .enumerate()
+            .for_each(|(k, c)| f(k, bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        DenseFormat::Q8_0 => {
+            for (i, blk) in b.chunks_exact(Q8_0_BYTES).enumerate() {
+                let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                for (j, &q) in blk[2..].iter().enumerate() {
+                    f(i * Q8_0_BLOCK + j, d * (q as i8) as f32);
+                }
+            }
         }
-        if data.len() != rows * cols * dtype.size() {
-            return Err(Error::TensorShape {
-                name: name.into(),
-                expected: vec![rows, cols],
-                found: vec![data.len() / dtype.size() / cols.max(1), cols],
-            });
+    }
+}
+
+impl DenseMatrix {
+    /// Wraps `data` holding `rows` rows of `cols` values in `format`.
+    pub fn new(
+        name: &str,
+        format: DenseFormat,
+        rows: usize,
+        cols: usize,
+        data: Storage,
+    ) -> Result<Self> {
+        let row_bytes = format.row_bytes(cols).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "tensor `{name}`: rows of {cols} values do not fit {} blocks",
+                format.name()
+            ))
+        })?;
+        if Some(data.len()) != row_bytes.checked_mul(rows) {
+            return Err(Error::InvalidInput(format!(
+                "tensor `{name}` holds {} bytes, a [{rows}, {cols}] {} matrix takes {}",
+                data.len(),
+                format.name(),
+                row_bytes.saturating_mul(rows)
+            )));
         }
         Ok(DenseMatrix {
-            dtype,
+            format,
             rows,
             cols,
+            row_bytes,
             data,
         })
+    }
+
+    /// A matrix from a float dtype (see [`DenseFormat::from_dtype`]).
+    pub fn from_dtype(
+        name: &str,
+        dtype: DType,
+        rows: usize,
+        cols: usize,
+        data: Storage,
+    ) -> Result<Self> {
+        let format = DenseFormat::from_dtype(dtype).ok_or_else(|| Error::TensorDType {
+            name: name.into(),
+            expected: "F32, F16 or BF16".into(),
+            found: dtype.to_string(),
+        })?;
+        Self::new(name, format, rows, cols, data)
     }
 
     /// Number of rows.
@@ -54,9 +154,9 @@ impl DenseMatrix {
         self.cols
     }
 
-    /// Element type.
-    pub fn dtype(&self) -> DType {
-        self.dtype
+    /// Storage format.
+    pub fn format(&self) -> DenseFormat {
+        self.format
     }
 
     /// Bytes held.
@@ -64,55 +164,20 @@ impl DenseMatrix {
         self.data.len()
     }
 
-    fn row_bytes(&self, r: usize) -> &[u8] {
-        let n = self.cols * self.dtype.size();
-        &self.data.bytes()[r * n..(r + 1) * n]
+    fn row(&self, r: usize) -> &[u8] {
+        &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
     }
 
-    /// Writes row `r` as f32 into `out` (exact widening).
+    /// Writes row `r` as f32 into `out`.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let b = self.row_bytes(r);
-        match self.dtype {
-            DType::F32 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(4)) {
-                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                }
-            }
-            DType::F16 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = f16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            DType::BF16 => {
-                for (o, c) in out.iter_mut().zip(b.chunks_exact(2)) {
-                    *o = bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                }
-            }
-            DType::I8 | DType::U8 => unreachable!("DenseMatrix::new admits float dtypes only"),
-        }
+        for_each_value(self.format, self.row(r), |k, v| out[k] = v);
     }
 
     /// `sum_k row_r[k] * x[k]` in f32, eight running sums combined at the end. The order
     /// is fixed, so the result does not depend on threads.
     fn dot(&self, r: usize, x: &[f32]) -> f32 {
-        let b = self.row_bytes(r);
         let mut acc = [0f32; 8];
-        let mut add = |k: usize, w: f32| acc[k % 8] += w * x[k];
-        match self.dtype {
-            DType::F32 => b
-                .chunks_exact(4)
-                .enumerate()
-                .for_each(|(k, c)| add(k, f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-            DType::F16 => b
-                .chunks_exact(2)
-                .enumerate()
-                .for_each(|(k, c)| add(k, f16::from_le_bytes([c[0], c[1]]).to_f32())),
-            DType::BF16 => b
-                .chunks_exact(2)
-                .enumerate()
-                .for_each(|(k, c)| add(k, bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-            DType::I8 | DType::U8 => unreachable!("DenseMatrix::new admits float dtypes only"),
-        }
+        for_each_value(self.format, self.row(r), |k, w| acc[k % 8] += w * x[k]);
         ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
     }
 
@@ -125,5 +190,34 @@ impl DenseMatrix {
                     *v = self.dot(i * HEAD_ROWS_PER_TASK + j, x);
                 }
             });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bitnet_core::AlignedBuffer;
+
+    #[test]
+    fn q8_0_rows_decode_and_dot() {
+        // One row of 32: d = 0.5, q = 0..32.
+        let mut bytes = f16::from_f32(0.5).to_le_bytes().to_vec();
+        bytes.extend((0..32).map(|i| i as u8));
+        let m = DenseMatrix::new(
+            "t",
+            DenseFormat::Q8_0,
+            1,
+            32,
+            Storage::heap(AlignedBuffer::from_bytes(&bytes)),
+        )
+        .unwrap();
+        let mut row = [0f32; 32];
+        m.row_to_f32(0, &mut row);
+        assert_eq!(row[3], 1.5);
+        let mut out = [0f32];
+        m.matvec(&[1.0; 32], &mut out);
+        assert_eq!(out[0], 0.5 * (31.0 * 32.0 / 2.0));
+        let short = Storage::heap(AlignedBuffer::from_bytes(&bytes[..33]));
+        assert!(DenseMatrix::new("t", DenseFormat::Q8_0, 1, 32, short).is_err());
     }
 }

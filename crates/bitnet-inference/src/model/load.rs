@@ -24,7 +24,7 @@ fn dense(
 ) -> Result<DenseMatrix> {
     let e = ckpt.get(name)?;
     e.expect_shape(&[rows, cols])?;
-    DenseMatrix::new(name, e.dtype, rows, cols, e.storage.clone())
+    DenseMatrix::from_dtype(name, e.dtype, rows, cols, e.storage.clone())
 }
 
 /// The single value of a `weight_scale` tensor (shape `[1]` or `[]`).

@@ -2,6 +2,7 @@
 
 mod dense;
 mod load;
+mod load_gguf;
 pub mod ops;
 
 use bitnet_core::ScratchArena;
@@ -9,7 +10,8 @@ use bitnet_quant::kernels::Kernels;
 use bitnet_quant::{quantize_activations, BitLinear};
 use rayon::prelude::*;
 
-pub use dense::DenseMatrix;
+pub use dense::{DenseFormat, DenseMatrix};
+pub use load_gguf::{config_from_gguf, GgufOptions, GGUF_ARCHITECTURES, I2S_LAYOUT_KEY};
 
 use crate::config::{Activation, ModelConfig};
 use crate::kv_cache::KvCache;
@@ -196,6 +198,11 @@ impl Model {
     /// The token embedding.
     pub fn embedding(&self) -> &DenseMatrix {
         &self.embed
+    }
+
+    /// The final RMSNorm's weights.
+    pub fn final_norm(&self) -> &[f32] {
+        &self.norm
     }
 
     /// The output head (the embedding when tied).

@@ -3,8 +3,19 @@
 //! [`Kernels::get`] picks the table once, from the CPU features detected at start-up. Every
 //! kernel computes exact i32 sums, so every implementation must agree bit for bit with
 //! [`scalar`], the reference.
+//!
+//! Sets: `scalar` (everywhere) and `avx2` (x86-64 CPUs that report AVX2).
+//!
+//! # Overriding the choice
+//!
+//! The environment variable `BITNET_KERNELS` names the set to use, for example
+//! `BITNET_KERNELS=scalar` to compare against the reference or to rule out a SIMD bug. It is
+//! read once, on the first call to [`Kernels::get`]. A name that is unknown, or names a set this
+//! CPU cannot run, is ignored silently and the detected best set is used.
 
 pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
 
 use std::sync::OnceLock;
 
@@ -41,14 +52,297 @@ impl Kernels {
         gemm: scalar::gemm,
     };
 
-    /// The best set for this CPU, chosen on first call.
+    /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
+    /// scalar ones without it, so they are safe to call anywhere, but only fast with AVX2.
+    #[cfg(target_arch = "x86_64")]
+    pub const AVX2: Kernels = Kernels {
+        name: "avx2",
+        gemv: x86::avx2::gemv,
+        gemm: x86::avx2::gemm,
+    };
+
+    /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
+    /// chosen on first call.
     pub fn get() -> &'static Kernels {
         static CHOSEN: OnceLock<Kernels> = OnceLock::new();
         CHOSEN.get_or_init(Self::select)
     }
 
+    /// Every set this CPU can run, the scalar reference first and the best last.
+    pub fn available() -> Vec<&'static Kernels> {
+        #[allow(unused_mut)]
+        let mut sets: Vec<&'static Kernels> = vec![&Kernels::SCALAR];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") {
+            sets.push(&Kernels::AVX2);
+        }
+        sets
+    }
+
+    /// The set named `name` (case-insensitive, surrounding spaces ignored) if this CPU can
+    /// run it.
+    pub fn by_name(name: &str) -> Option<&'static Kernels> {
+        let name = name.trim();
+        Self::available()
+            .into_iter()
+            .find(|k| k.name.eq_ignore_ascii_case(name))
+    }
+
     fn select() -> Kernels {
-        // The SIMD sets arrive with the kernel issue; the scalar set is correct everywhere.
-        Kernels::SCALAR
+        let available = Self::available();
+        let best = *available
+            .last()
+            .expect("the scalar set is always available");
+        std::env::var("BITNET_KERNELS")
+            .ok()
+            .and_then(|name| Self::by_name(&name))
+            .copied()
+            .unwrap_or(*best)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TernaryMatrix;
+    use proptest::prelude::*;
+
+    /// xorshift64*: a tiny seeded generator, enough for test data.
+    struct Rng(u64);
+
+    impl Rng {
+        fn new(seed: u64) -> Self {
+            Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        }
+
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn code(&mut self) -> i8 {
+            ((self.next() >> 33) % 3) as i8 - 1
+        }
+
+        fn i8(&mut self) -> i8 {
+            (self.next() >> 56) as u8 as i8
+        }
+    }
+
+    /// How a case's codes and activations are drawn.
+    #[derive(Clone, Copy, Debug)]
+    enum Fill {
+        /// Uniform codes and uniform int8 activations (-128 and 127 included).
+        Random,
+        /// Uniform codes, activations only -128 or 127.
+        Extremes,
+        /// Every code +1, every activation -128: the most negative sums.
+        PlusOnesMin,
+        /// Every code -1, every activation -128: the most positive sums.
+        MinusOnesMin,
+        /// Uniform codes and activations, and garbage (not zeros) in the activation padding,
+        /// which weight-0 padding codes must cancel.
+        DirtyPadding,
+    }
+
+    const FILLS: [Fill; 5] = [
+        Fill::Random,
+        Fill::Extremes,
+        Fill::PlusOnesMin,
+        Fill::MinusOnesMin,
+        Fill::DirtyPadding,
+    ];
+
+    struct Case {
+        rows: usize,
+        cols: usize,
+        tokens: usize,
+        codes: Vec<i8>,
+        m: TernaryMatrix,
+        /// `tokens` padded activation rows, end to end.
+        x: Vec<i8>,
+    }
+
+    impl Case {
+        fn new(rows: usize, cols: usize, tokens: usize, fill: Fill, seed: u64) -> Case {
+            let mut rng = Rng::new(seed ^ ((rows * 1_000_003 + cols * 7919 + tokens) as u64));
+            let codes: Vec<i8> = (0..rows * cols)
+                .map(|_| match fill {
+                    Fill::PlusOnesMin => 1,
+                    Fill::MinusOnesMin => -1,
+                    _ => rng.code(),
+                })
+                .collect();
+            let m = TernaryMatrix::from_codes(&codes, rows, cols).unwrap();
+            let k = TernaryMatrix::padded_cols(cols);
+            let mut x = vec![0i8; tokens * k];
+            for row in x.chunks_exact_mut(k) {
+                for (i, v) in row.iter_mut().enumerate() {
+                    *v = match fill {
+                        _ if i >= cols && !matches!(fill, Fill::DirtyPadding) => 0,
+                        Fill::Random | Fill::DirtyPadding => rng.i8(),
+                        Fill::Extremes => [-128, 127][(rng.next() >> 63) as usize],
+                        Fill::PlusOnesMin | Fill::MinusOnesMin => -128,
+                    };
+                }
+            }
+            Case {
+                rows,
+                cols,
+                tokens,
+                codes,
+                m,
+                x,
+            }
+        }
+
+        /// The definition, in i64 so that it cannot overflow.
+        fn expected(&self) -> Vec<i32> {
+            let k = TernaryMatrix::padded_cols(self.cols);
+            let mut out = vec![0i32; self.tokens * self.rows];
+            for t in 0..self.tokens {
+                for r in 0..self.rows {
+                    let s: i64 = (0..self.cols)
+                        .map(|c| self.codes[r * self.cols + c] as i64 * self.x[t * k + c] as i64)
+                        .sum();
+                    out[t * self.rows + r] = i32::try_from(s).unwrap();
+                }
+            }
+            out
+        }
+
+        /// Checks every available set against the definition, with `gemm` on all tokens,
+        /// `gemv` on each token, and `gemv` on row chunks as `BitLinear` calls it.
+        fn check(&self) {
+            let want = self.expected();
+            let (w, rb) = (self.m.bytes(), self.m.row_bytes());
+            let k = rb * 4;
+            let what = format!("[{}, {}] x {} tokens", self.rows, self.cols, self.tokens);
+            for ks in Kernels::available() {
+                // Sentinels catch outputs that are never written.
+                let mut out = vec![0x5A5A_5A5A; self.tokens * self.rows];
+                (ks.gemm)(w, rb, &self.x, self.tokens, &mut out);
+                assert_eq!(out, want, "{} gemm {what}", ks.name);
+                for t in 0..self.tokens {
+                    let want_t = &want[t * self.rows..(t + 1) * self.rows];
+                    let x_t = &self.x[t * k..(t + 1) * k];
+                    let mut out = vec![0x5A5A_5A5A; self.rows];
+                    (ks.gemv)(w, rb, x_t, &mut out);
+                    assert_eq!(out, want_t, "{} gemv token {t} {what}", ks.name);
+                    // Chunks of 3 rows (BitLinear uses bigger ones, the point is the offsets).
+                    let mut out = vec![0x5A5A_5A5A; self.rows];
+                    for (i, o) in out.chunks_mut(3).enumerate() {
+                        (ks.gemv)(&w[i * 3 * rb..(i * 3 + o.len()) * rb], rb, x_t, o);
+                    }
+                    assert_eq!(out, want_t, "{} chunked gemv token {t} {what}", ks.name);
+                }
+            }
+        }
+    }
+
+    const ROWS: [usize; 7] = [1, 2, 3, 5, 17, 64, 65];
+    const COLS: [usize; 11] = [1, 31, 127, 128, 129, 255, 256, 300, 1000, 2560, 6912];
+    const TOKENS: [usize; 6] = [1, 2, 3, 4, 5, 9];
+
+    fn all_shapes(fill: Fill) {
+        for &rows in &ROWS {
+            for &cols in &COLS {
+                for &tokens in &TOKENS {
+                    Case::new(rows, cols, tokens, fill, 0xB17E7).check();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_sets_match_the_definition_on_random_data() {
+        all_shapes(Fill::Random);
+    }
+
+    #[test]
+    fn all_sets_match_the_definition_on_extreme_activations() {
+        all_shapes(Fill::Extremes);
+    }
+
+    #[test]
+    fn all_sets_survive_the_largest_sums() {
+        all_shapes(Fill::PlusOnesMin);
+        all_shapes(Fill::MinusOnesMin);
+        // Rows far longer than any model's: still exact (no i16 overflow inside).
+        for fill in [Fill::PlusOnesMin, Fill::MinusOnesMin, Fill::Extremes] {
+            for cols in [16384, 65536 + 1] {
+                Case::new(2, cols, 5, fill, 1).check();
+            }
+        }
+    }
+
+    #[test]
+    fn all_sets_ignore_activation_padding() {
+        all_shapes(Fill::DirtyPadding);
+    }
+
+    #[test]
+    fn block_scaled_slices_match() {
+        // BitLinear's block-scaled path calls gemv on one row's sub-blocks.
+        let c = Case::new(3, 1024, 1, Fill::Random, 9);
+        let (w, rb) = (c.m.bytes(), c.m.row_bytes());
+        for block in [128, 256, 512] {
+            let bb = block / 4;
+            for r in 0..c.rows {
+                for b in 0..c.cols / block {
+                    let row = &w[r * rb + b * bb..r * rb + (b + 1) * bb];
+                    let x = &c.x[b * block..(b + 1) * block];
+                    let mut want = [0i32];
+                    scalar::gemv(row, bb, x, &mut want);
+                    for ks in Kernels::available() {
+                        let mut got = [7i32];
+                        (ks.gemv)(row, bb, x, &mut got);
+                        assert_eq!(got, want, "{} block {block} row {r} #{b}", ks.name);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn available_sets_and_names() {
+        let sets = Kernels::available();
+        assert_eq!(sets[0].name, "scalar");
+        let names: Vec<_> = sets.iter().map(|k| k.name).collect();
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            names.contains(&"avx2"),
+            is_x86_feature_detected!("avx2"),
+            "{names:?}"
+        );
+        assert_eq!(Kernels::by_name("scalar").unwrap().name, "scalar");
+        assert_eq!(Kernels::by_name(" Scalar\n").unwrap().name, "scalar");
+        assert!(Kernels::by_name("avx512").is_none());
+        assert!(Kernels::by_name("").is_none());
+        for k in &sets {
+            assert_eq!(Kernels::by_name(k.name).unwrap().name, k.name);
+        }
+        // `get` honours BITNET_KERNELS when it names an available set, else picks the best.
+        let want = std::env::var("BITNET_KERNELS")
+            .ok()
+            .and_then(|n| Kernels::by_name(&n))
+            .unwrap_or(sets[sets.len() - 1]);
+        assert_eq!(Kernels::get().name, want.name);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn all_sets_match_on_random_shapes(
+            rows in 1usize..70,
+            cols in 1usize..3000,
+            tokens in 1usize..11,
+            fill in 0usize..FILLS.len(),
+            seed in any::<u64>(),
+        ) {
+            Case::new(rows, cols, tokens, FILLS[fill], seed).check();
+        }
     }
 }

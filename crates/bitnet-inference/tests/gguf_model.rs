@@ -1,0 +1,109 @@
+//! GGUF models against the transformers references.
+
+mod common;
+
+use bitnet_core::ScratchArena;
+use bitnet_inference::formats::gguf::GgufFile;
+use bitnet_inference::model::{GgufOptions, LogitsFor, Model, SeqStep};
+use bitnet_quant::WeightScale;
+use common::*;
+
+/// GGUF tensor names of the HF linears, in `Layer::linears` order.
+const GGUF_LINEARS: [(&str, &str); 7] = [
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+fn load(name: &str) -> Model {
+    let g = GgufFile::open(fixture(&format!("gguf/{name}"))).unwrap();
+    Model::from_gguf(&g, &GgufOptions::default()).unwrap()
+}
+
+fn run(m: &Model, ids: &[u32], incremental: bool) -> Vec<f32> {
+    let v = m.config().vocab_size;
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    let mut scratch = ScratchArena::new();
+    let mut out = vec![0.0; ids.len() * v];
+    if incremental {
+        for (i, id) in ids.iter().enumerate() {
+            m.forward(
+                &mut [SeqStep {
+                    tokens: std::slice::from_ref(id),
+                    cache: &mut cache,
+                    logits: LogitsFor::Last,
+                }],
+                &mut scratch,
+                &mut out[i * v..(i + 1) * v],
+            )
+            .unwrap();
+        }
+    } else {
+        m.forward(
+            &mut [SeqStep {
+                tokens: ids,
+                cache: &mut cache,
+                logits: LogitsFor::All,
+            }],
+            &mut scratch,
+            &mut out,
+        )
+        .unwrap();
+    }
+    out
+}
+
+#[test]
+fn tq_logits_match_transformers_full_and_incremental() {
+    let (_, want) = npy_f32("ref/logits_gguf_equiv_f32.npy");
+    let ids = prompt_ids();
+    for f in ["tiny-bitnet-TQ1_0.gguf", "tiny-bitnet-TQ2_0.gguf"] {
+        let m = load(f);
+        for inc in [false, true] {
+            let d = max_abs_diff(&run(&m, &ids, inc), &want);
+            assert!(d <= 1e-4, "{f} incremental={inc}: max abs diff {d}");
+        }
+    }
+}
+
+#[test]
+fn tq_codes_and_scales_equal_the_reference() {
+    let codes = reference("ternary_codes.safetensors");
+    for f in ["tiny-bitnet-TQ1_0.gguf", "tiny-bitnet-TQ2_0.gguf"] {
+        let m = load(f);
+        for (i, layer) in m.layers().iter().enumerate() {
+            for ((_, hf), (_, lin)) in GGUF_LINEARS.iter().zip(layer.linears()) {
+                let name = format!("model.layers.{i}.{hf}.weight");
+                assert_eq!(
+                    lin.weight().to_codes(),
+                    ref_i8(&codes, &name),
+                    "{f}: {name}"
+                );
+                let d = ref_f32(&codes, &format!("{name}.gguf_d_f32"))[0];
+                assert_eq!(lin.scale(), WeightScale::Direct(d), "{f}: {name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ternary_valued_f32_gguf_keeps_the_exact_step() {
+    let codes = reference("ternary_codes.safetensors");
+    let m = load("tiny-bitnet-F32.gguf");
+    for (i, layer) in m.layers().iter().enumerate() {
+        for ((_, hf), (_, lin)) in GGUF_LINEARS.iter().zip(layer.linears()) {
+            let name = format!("model.layers.{i}.{hf}.weight");
+            assert_eq!(lin.weight().to_codes(), ref_i8(&codes, &name), "{name}");
+            let inv = ref_f32(&codes, &format!("{name}.inv_absmean_f32"))[0];
+            let WeightScale::Direct(a) = lin.scale() else {
+                panic!("{name}: {:?}", lin.scale())
+            };
+            let ulps = (a.to_bits() as i64 - (1.0 / inv).to_bits() as i64).abs();
+            assert!(ulps <= 4, "{name}: step {a} vs 1/{inv} ({ulps} ulp)");
+        }
+    }
+}

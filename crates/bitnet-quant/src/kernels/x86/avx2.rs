@@ -1,0 +1,280 @@
+//! AVX2 kernels for the runtime layout.
+//!
+//! With codes `c = t + 1` in {0, 1, 2}, `sum_k t_k x_k = sum_k c_k x_k - sum_k x_k`. The first
+//! sum is what `vpmaddubsw` computes (unsigned bytes times signed bytes, adjacent pairs added
+//! into i16 lanes); the second depends on the activation row only, so it is computed once per
+//! row and call. One 32-byte load of a block, three shifts and four masks give the codes of its
+//! 128 weights as four vectors that line up with the 128 activations (see [`crate::ternary`]).
+//!
+//! # No overflow
+//!
+//! One `vpmaddubsw` lane is `c * x + c * x` with `c <= 2` and `-128 <= x <= 127`, so it lies in
+//! `[-512, 508]` and never saturates. The four products of one block add up to `[-2048, 2032]`
+//! per i16 lane, and [`FLUSH_BLOCKS`] = 8 blocks of them to `[-16384, 16256]`, well inside
+//! i16. Then `vpmaddwd` against ones widens them to i32 lanes. The i32 totals are exact as long
+//! as `|sum_k c_k x_k| < 2^31`, that is for rows of fewer than 2^22 inputs; past that the scalar
+//! reference would overflow too.
+//!
+//! # Weight reuse
+//!
+//! Every product is computed by [`tile`], which streams a tile of `R` weight rows against `T`
+//! activation rows: each block of weights is loaded and unpacked once and used for `T` tokens,
+//! and each activation vector is loaded once per `R` rows. `gemv` uses 4 rows x 1 token; `gemm`
+//! uses 1 row x 4 tokens (prefill is compute-bound, so unpacking each weight block once per 4
+//! tokens matters), and smaller tiles for the 1 to 3 tokens left over.
+
+use std::arch::x86_64::*;
+
+use crate::kernels::scalar;
+use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+
+/// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
+const FLUSH_BLOCKS: usize = 8;
+
+// Worst case of one i16 lane after FLUSH_BLOCKS blocks: 4 products of -512 per block.
+const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
+
+/// Rows of weights per tile when streaming one token (decode).
+const GEMV_ROWS: usize = 2;
+
+/// Rows of `w` that a call covers, after the checks that make the unsafe loads sound.
+fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
+    assert!(
+        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
+        "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
+    );
+    assert!(
+        x_len >= tokens * row_bytes * 4,
+        "{x_len} activations cannot hold {tokens} rows of {}",
+        row_bytes * 4
+    );
+    w.len() / row_bytes
+}
+
+/// AVX2 matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
+/// [`scalar::gemv`]; on a CPU without AVX2 it calls it.
+pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::gemv(w, row_bytes, x, out);
+    }
+    debug_assert_eq!(x.len(), row_bytes * 4);
+    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    // SAFETY: AVX2 was detected just above. `checked_rows` asserted that `row_bytes` is a
+    // positive multiple of 32 and that `x` holds `row_bytes * 4` activations; `rows` rows of
+    // `row_bytes` fit in `w` and `rows` outputs fit in `out`, which is all `products` reads
+    // and writes.
+    unsafe { products(w, row_bytes, rows, x, 1, out) }
+}
+
+/// AVX2 matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
+/// [`scalar::gemm`]; on a CPU without AVX2 it calls it.
+pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]) {
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::gemm(w, row_bytes, x, tokens, out);
+    }
+    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    assert!(
+        out.len() >= tokens * rows,
+        "{} outputs cannot hold {tokens} x {rows}",
+        out.len()
+    );
+    // SAFETY: AVX2 was detected just above; `checked_rows` and the assert above guarantee
+    // that `w` holds `rows` rows of `row_bytes` (a positive multiple of 32), `x` holds
+    // `tokens` rows of `row_bytes * 4` activations and `out` holds `tokens * rows` outputs.
+    unsafe { products(w, row_bytes, rows, x, tokens, out) }
+}
+
+/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`.
+///
+/// # Safety
+///
+/// AVX2 must be available. `row_bytes` must be a positive multiple of [`BLOCK_BYTES`], `w` must
+/// hold at least `rows * row_bytes` bytes, `x` at least `tokens * row_bytes * 4` activations,
+/// and `out` at least `tokens * rows` values.
+#[target_feature(enable = "avx2")]
+unsafe fn products(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &[i8],
+    tokens: usize,
+    out: &mut [i32],
+) {
+    debug_assert!(row_bytes > 0 && row_bytes % BLOCK_BYTES == 0);
+    debug_assert!(w.len() >= rows * row_bytes);
+    debug_assert!(x.len() >= tokens * row_bytes * 4);
+    debug_assert!(out.len() >= tokens * rows);
+    let mut t0 = 0;
+    while t0 + 4 <= tokens {
+        // SAFETY (for these calls): the caller's guarantees, with `t0 + T <= tokens`.
+        group::<1, 4>(w, row_bytes, rows, x, t0, out);
+        t0 += 4;
+    }
+    match tokens - t0 {
+        0 => {}
+        1 => group::<GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
+        2 => group::<2, 2>(w, row_bytes, rows, x, t0, out),
+        _ => group::<1, 3>(w, row_bytes, rows, x, t0, out),
+    }
+}
+
+/// The products of all `rows` rows with the `T` activation rows starting at token `t0`, in
+/// tiles of `R` rows (and single rows for the rest).
+///
+/// # Safety
+///
+/// As [`products`], with `t0 + T <= tokens`.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn group<const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &[i8],
+    t0: usize,
+    out: &mut [i32],
+) {
+    let blocks = row_bytes / BLOCK_BYTES;
+    let k = blocks * BLOCK_ELEMS;
+    // In bounds: `x` holds at least `(t0 + T) * k` activations.
+    let xs = &x[t0 * k..(t0 + T) * k];
+    let mut sums = [0i32; T];
+    for (t, s) in sums.iter_mut().enumerate() {
+        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
+        *s = sum_x(xs[t * k..].as_ptr(), blocks);
+    }
+    let mut r = 0;
+    while r + R <= rows {
+        // SAFETY: rows `r..r + R` lie in `w` (`rows * row_bytes <= w.len()`), and the `T`
+        // activation rows of `xs` are `k` apart and `k` long.
+        let d = tile::<R, T>(
+            w[r * row_bytes..].as_ptr(),
+            row_bytes,
+            xs.as_ptr(),
+            k,
+            blocks,
+        );
+        for (i, di) in d.iter().enumerate() {
+            for (t, &v) in di.iter().enumerate() {
+                out[(t0 + t) * rows + r + i] = v.wrapping_sub(sums[t]);
+            }
+        }
+        r += R;
+    }
+    while r < rows {
+        // SAFETY: as above, for the single row `r < rows`.
+        let d = tile::<1, T>(
+            w[r * row_bytes..].as_ptr(),
+            row_bytes,
+            xs.as_ptr(),
+            k,
+            blocks,
+        );
+        for (t, &v) in d[0].iter().enumerate() {
+            out[(t0 + t) * rows + r] = v.wrapping_sub(sums[t]);
+        }
+        r += 1;
+    }
+}
+
+/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` rows from `w`, `row_bytes` apart,
+/// and `T` activation rows from `x`, `x_stride` apart, over `blocks` blocks.
+///
+/// # Safety
+///
+/// AVX2 must be available; for every `r < R` the `blocks * 32` bytes from
+/// `w + r * row_bytes`, and for every `t < T` the `blocks * 128` bytes from
+/// `x + t * x_stride`, must be readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn tile<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const i8,
+    x_stride: usize,
+    blocks: usize,
+) -> [[i32; T]; R] {
+    let mask = _mm256_set1_epi8(3);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_si256(); T]; R];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
+        let mut acc16 = [[_mm256_setzero_si256(); T]; R];
+        for b in b0..b1 {
+            for (r, acc16r) in acc16.iter_mut().enumerate() {
+                // SAFETY: block `b < blocks` of row `r < R`: readable by the contract.
+                let wv =
+                    _mm256_loadu_si256(w.add(r * row_bytes + b * BLOCK_BYTES) as *const __m256i);
+                let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
+                let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
+                let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
+                let c3 = _mm256_and_si256(wv, mask);
+                for (t, a) in acc16r.iter_mut().enumerate() {
+                    // SAFETY: the 128 activations of block `b` of row `t < T`: readable by
+                    // the contract.
+                    let xb = x.add(t * x_stride + b * BLOCK_ELEMS) as *const __m256i;
+                    let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb));
+                    let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb.add(1)));
+                    let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb.add(2)));
+                    let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xb.add(3)));
+                    let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                    *a = _mm256_add_epi16(*a, s);
+                }
+            }
+        }
+        for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
+            for (a, &a16) in accr.iter_mut().zip(acc16r) {
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
+            }
+        }
+        b0 = b1;
+    }
+    let mut out = [[0i32; T]; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (ov, &av) in o.iter_mut().zip(a) {
+            *ov = hsum(av);
+        }
+    }
+    out
+}
+
+/// `sum_k x[k]` over `blocks * 128` activations.
+///
+/// # Safety
+///
+/// AVX2 must be available and the `blocks * 128` bytes from `x` readable.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
+    let ones8 = _mm256_set1_epi8(1);
+    let ones16 = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_si256();
+    for b in 0..blocks {
+        // SAFETY: block `b < blocks`: readable by the contract.
+        let xb = x.add(b * BLOCK_ELEMS) as *const __m256i;
+        // Each lane is x + x in [-256, 254]; four of them stay within i16.
+        let s = _mm256_add_epi16(
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb)),
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(1))),
+            ),
+            _mm256_add_epi16(
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(2))),
+                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(3))),
+            ),
+        );
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones16));
+    }
+    hsum(acc)
+}
+
+/// The sum of the eight i32 lanes (wrapping, like the lanes themselves).
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn hsum(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
