@@ -10,7 +10,7 @@ use bitnet_inference::config::Activation;
 use bitnet_inference::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
 use bitnet_inference::generate::{generate as run_generation, GenerateOptions};
 use bitnet_inference::loader::{self, LoadOptions, LoadedModel, ModelKind};
-use bitnet_inference::model::{GgufOptions, LogitsFor, SeqStep};
+use bitnet_inference::model::{DenseFormat, GgufOptions, LogitsFor, SeqStep};
 use bitnet_inference::sampler::SamplerConfig;
 use bitnet_quant::i2s::I2sLayout;
 use clap::Args;
@@ -31,23 +31,27 @@ pub struct ModelArgs {
     /// records, else x86; bitnet.cpp's files do not say). For `convert`: the layout written.
     #[arg(long)]
     i2s_layout: Option<String>,
+    /// Re-encode the output head: f32, f16, bf16 or q8_0 (default: keep the file's).
+    /// q8_0 halves the head's bytes per token against f16.
+    #[arg(long)]
+    head_type: Option<String>,
 }
 
 impl ModelArgs {
     fn options(&self) -> Result<LoadOptions> {
+        let parse = |v: &Option<String>| v.as_deref().map(str::to_string);
         Ok(LoadOptions {
             gguf: GgufOptions {
-                activation: self
-                    .activation
-                    .as_deref()
-                    .map(Activation::parse)
+                activation: parse(&self.activation)
+                    .map(|a| Activation::parse(&a))
                     .transpose()?,
-                i2s_layout: self
-                    .i2s_layout
-                    .as_deref()
-                    .map(I2sLayout::parse)
+                i2s_layout: parse(&self.i2s_layout)
+                    .map(|l| I2sLayout::parse(&l))
                     .transpose()?,
             },
+            head: parse(&self.head_type)
+                .map(|h| DenseFormat::parse(&h))
+                .transpose()?,
         })
     }
 
@@ -401,6 +405,79 @@ pub fn convert(mut a: ConvertArgs) -> Result<()> {
         bytes as f64 / (1 << 20) as f64,
         a.linear_type,
         a.embedding_type
+    );
+    Ok(())
+}
+
+/// Arguments of `bitnet bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt tokens per prompt-processing run (0 skips it).
+    #[arg(short = 'p', long = "prompt", default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens per generation run (0 skips it).
+    #[arg(short = 'n', long = "gen", default_value_t = 64)]
+    gen_tokens: usize,
+    /// Runs of each phase (after one untimed warm-up).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    threads: ThreadArgs,
+}
+
+/// `bitnet bench`.
+pub fn bench(a: BenchArgs) -> Result<()> {
+    use bitnet_inference::bench::{run_bench, BenchConfig};
+    init_threads(a.threads)?;
+    let (m, load_s) = a.model.load()?;
+    let r = run_bench(
+        &m.model,
+        &BenchConfig {
+            prompt_tokens: a.prompt_tokens,
+            gen_tokens: a.gen_tokens,
+            reps: a.reps,
+        },
+    )?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["pp_tokens_per_s"] = r.pp.map(|x| x.median).into();
+        v["tg_tokens_per_s"] = r.tg.map(|x| x.median).into();
+        v["tg_bandwidth_gb_s"] = r.tg_bandwidth_gbs().into();
+        v["load_s"] = load_s.into();
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "model: {} (loaded in {load_s:.2} s)",
+        a.model.model.display()
+    );
+    println!(
+        "threads: {}, kernels: {}, CPU features: {}",
+        r.threads, r.kernels, r.cpu_features
+    );
+    if let Some(pp) = r.pp {
+        println!(
+            "pp{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs)",
+            r.prompt_tokens, pp.median, pp.min, pp.max, r.reps
+        );
+    }
+    if let Some(tg) = r.tg {
+        println!(
+            "tg{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs)",
+            r.gen_tokens, tg.median, tg.min, tg.max, r.reps
+        );
+    }
+    println!(
+        "weights streamed per token: {:.1} MB{}",
+        r.bytes_per_token as f64 / 1e6,
+        r.tg_bandwidth_gbs()
+            .map(|g| format!(" ({g:.2} GB/s at the median generation rate)"))
+            .unwrap_or_default()
     );
     Ok(())
 }

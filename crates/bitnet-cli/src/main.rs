@@ -31,6 +31,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Perplexity of a model on a text file.
     Perplexity(commands::PerplexityArgs),
+    /// Measure prompt-processing and generation speed.
+    Bench(commands::BenchArgs),
     /// Write a model as GGUF (TQ1_0, TQ2_0, I2_S or F16 linears).
     Convert(commands::ConvertArgs),
     /// Show a model's configuration and tensors.
@@ -65,6 +67,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => commands::logits(a),
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Convert(a) => commands::convert(a),
+        Command::Bench(a) => commands::bench(a),
         Command::Inspect { path } => commands::inspect(&path),
     }
 }

@@ -396,3 +396,47 @@ fn corrupt_gguf_is_a_clear_error() {
     let e = fails_cleanly(&f, "1");
     assert!(e.contains("cut.gguf"), "{e}");
 }
+
+#[test]
+fn bench_reports_rates_as_json() {
+    let o = bitnet(&[
+        "bench",
+        "--model",
+        fixture("gguf/tiny-bitnet-TQ2_0.gguf").to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "--reps",
+        "2",
+        "--threads",
+        "1",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["pp_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["threads"], 1);
+    // 14 TQ linears repacked to 2 bits per weight plus the f16 tied head (512 x 256).
+    let ternary: u64 = 2 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 512 * 256) / 4;
+    assert_eq!(
+        v["bytes_per_token"].as_u64().unwrap(),
+        ternary + 512 * 256 * 2
+    );
+    assert!(v["kernels"].as_str().is_some_and(|k| !k.is_empty()));
+    let o = bitnet(&[
+        "bench",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "2",
+        "--reps",
+        "1",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["pp_tokens_per_s"].is_null() && v["tg_tokens_per_s"].as_f64().is_some());
+}

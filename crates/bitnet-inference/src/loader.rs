@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::formats::gguf::GgufFile;
 use crate::formats::gguf_tokenizer::{chat_template, tokenizer_from_gguf};
-use crate::model::{GgufOptions, Model};
+use crate::model::{DenseFormat, GgufOptions, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -25,6 +25,8 @@ pub struct LoadedModel {
 pub struct LoadOptions {
     /// GGUF only: the FFN activation and the I2_S block layout.
     pub gguf: GgufOptions,
+    /// Re-encode the output head in this format (`None`: keep the file's).
+    pub head: Option<DenseFormat>,
 }
 
 /// The kinds of model path we recognise.
@@ -78,6 +80,10 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         }
     };
     check_vocab(&loaded.model, &loaded.tokenizer, path)?;
+    let mut loaded = loaded;
+    if let Some(f) = opts.head {
+        loaded.model.set_head_format(f)?;
+    }
     Ok(loaded)
 }
 

@@ -107,3 +107,38 @@ fn ternary_valued_f32_gguf_keeps_the_exact_step() {
         }
     }
 }
+
+#[test]
+fn head_formats_change_logits_only_by_their_rounding() {
+    let ids = prompt_ids();
+    let base = load("tiny-bitnet-TQ2_0.gguf");
+    let want = run(&base, &ids, false);
+    let v = base.config().vocab_size;
+    // f16 -> f32 widens exactly: identical logits, twice the bytes.
+    let mut wide = load("tiny-bitnet-TQ2_0.gguf");
+    wide.set_head_format(bitnet_inference::model::DenseFormat::F32)
+        .unwrap();
+    assert_eq!(run(&wide, &ids, false), want);
+    assert_eq!(wide.head().bytes(), 2 * base.head().bytes());
+    // Q8_0: 34 bytes per 32 values, logits within 1% of their range, same argmax.
+    let mut q = load("tiny-bitnet-TQ2_0.gguf");
+    q.set_head_format(bitnet_inference::model::DenseFormat::Q8_0)
+        .unwrap();
+    assert_eq!(q.head().bytes(), base.head().bytes() * 34 / 64);
+    let got = run(&q, &ids, false);
+    let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    assert!(max_abs_diff(&got, &want) <= 0.01 * range);
+    let argmax = |r: &[f32]| {
+        r.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    for i in 0..ids.len() {
+        assert_eq!(
+            argmax(&got[i * v..(i + 1) * v]),
+            argmax(&want[i * v..(i + 1) * v])
+        );
+    }
+}

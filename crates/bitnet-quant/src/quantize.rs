@@ -141,6 +141,17 @@ mod tests {
     }
 
     #[test]
+    fn torch_sum_is_exact_on_small_integers_of_any_length() {
+        // Integers below 2^24 add exactly in any order, so every length and tail path must
+        // give the true sum.
+        for n in [0usize, 1, 7, 8, 31, 32, 33, 511, 512, 513, 4096, 70_001] {
+            let x: Vec<f32> = (0..n).map(|i| (i % 17) as f32).collect();
+            let want: u64 = (0..n).map(|i| (i % 17) as u64).sum();
+            assert_eq!(torch_sum(&x, TORCH_SUM_LANES) as u64, want, "n = {n}");
+        }
+    }
+
+    #[test]
     fn weight_codes_follow_absmean() {
         // mean |w| = 1, so s_w = 1: codes are round(w) clamped.
         let w = [0.5, -0.5, 1.5, -2.0, 0.0, 1.5];

@@ -44,6 +44,21 @@ impl DenseFormat {
         }
     }
 
+    /// Parses `f32`, `f16`, `bf16` or `q8_0`.
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "f32" => DenseFormat::F32,
+            "f16" => DenseFormat::F16,
+            "bf16" => DenseFormat::BF16,
+            "q8_0" => DenseFormat::Q8_0,
+            other => {
+                return Err(Error::InvalidInput(format!(
+                    "unknown head type `{other}` (expected f32, f16, bf16 or q8_0)"
+                )))
+            }
+        })
+    }
+
     /// Display name.
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +66,30 @@ impl DenseFormat {
             DenseFormat::F16 => "F16",
             DenseFormat::BF16 => "BF16",
             DenseFormat::Q8_0 => "Q8_0",
+        }
+    }
+}
+
+/// Encodes one row of f32 values in `format` into `dst` (`format.row_bytes(row.len())` bytes).
+pub(crate) fn encode_row(format: DenseFormat, row: &[f32], dst: &mut [u8]) {
+    match format {
+        DenseFormat::F32 => dst
+            .chunks_exact_mut(4)
+            .zip(row)
+            .for_each(|(d, v)| d.copy_from_slice(&v.to_le_bytes())),
+        DenseFormat::F16 => dst
+            .chunks_exact_mut(2)
+            .zip(row)
+            .for_each(|(d, &v)| d.copy_from_slice(&f16::from_f32(v).to_le_bytes())),
+        DenseFormat::BF16 => dst
+            .chunks_exact_mut(2)
+            .zip(row)
+            .for_each(|(d, &v)| d.copy_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        DenseFormat::Q8_0 => {
+            // Rows fit whole blocks (checked by `row_bytes`), so this cannot fail.
+            if let Ok(q) = bitnet_quant::q8_0::quantize_q8_0(row) {
+                dst.copy_from_slice(&q);
+            }
         }
     }
 }

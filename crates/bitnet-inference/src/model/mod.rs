@@ -210,6 +210,37 @@ impl Model {
         self.head.as_ref().unwrap_or(&self.embed)
     }
 
+    /// Re-encodes the output head in `format` (for a tied model the embedding stays as it is
+    /// for lookups and the head becomes a separate matrix). The head is the largest single
+    /// stream of weights per generated token, so a smaller format speeds decoding up.
+    pub fn set_head_format(&mut self, format: DenseFormat) -> Result<()> {
+        let src = self.head();
+        if src.format() == format {
+            return Ok(());
+        }
+        let (rows, cols) = (src.rows(), src.cols());
+        let row_bytes = format.row_bytes(cols).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "the head's rows of {cols} values do not fit {} blocks",
+                format.name()
+            ))
+        })?;
+        let mut buf = bitnet_core::AlignedBuffer::zeroed(rows * row_bytes);
+        let mut row = vec![0f32; cols];
+        for (r, dst) in buf.as_mut_bytes().chunks_exact_mut(row_bytes).enumerate() {
+            src.row_to_f32(r, &mut row);
+            dense::encode_row(format, &row, dst);
+        }
+        self.head = Some(DenseMatrix::new(
+            "output head",
+            format,
+            rows,
+            cols,
+            bitnet_core::Storage::heap(buf),
+        )?);
+        Ok(())
+    }
+
     /// The kernel set in use.
     pub fn kernels(&self) -> &'static Kernels {
         self.kernels
