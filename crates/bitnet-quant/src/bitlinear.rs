@@ -55,8 +55,8 @@ pub struct BitLinear {
     block_scales: Option<BlockScales>,
 }
 
-/// Rows per parallel task in decode: enough work to amortise a task, few enough to balance.
-const ROWS_PER_TASK: usize = 64;
+/// Rows per parallel task: enough work to amortise a task, few enough to balance threads.
+pub const ROWS_PER_TASK: usize = 64;
 
 impl BitLinear {
     /// A layer from its weights and scale.
@@ -123,26 +123,39 @@ impl BitLinear {
         TernaryMatrix::padded_cols(self.weight.cols())
     }
 
-    /// Integer products of `tokens` quantized rows `xq` (each [`Self::padded_in`] long):
-    /// `acc[t * out + r]`. Exact, so the result does not depend on the thread count.
+    /// Integer products of `tokens` quantized rows `xq` (each [`Self::padded_in`] long),
+    /// exact, so independent of the thread count. The rows are cut into tasks of
+    /// [`ROWS_PER_TASK`]; task `i` (rows `r0..r0 + n`) writes its `tokens x n` block at
+    /// `acc[r0 * tokens..]`, token-major, so that one kernel call serves all tokens of a task
+    /// and each weight block is loaded once for several tokens. [`Self::acc_index`] maps a
+    /// (token, row) pair into this layout; for one token it is plain `acc[r]`.
     pub fn forward_i32(&self, kernels: &Kernels, xq: &[i8], tokens: usize, acc: &mut [i32]) {
         let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
-        let rows = self.out_features();
-        let k = self.padded_in();
-        debug_assert_eq!(xq.len(), tokens * k);
-        debug_assert_eq!(acc.len(), tokens * rows);
-        if tokens == 1 {
-            acc.par_chunks_mut(ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(i, out)| {
-                    let r0 = i * ROWS_PER_TASK;
-                    (kernels.gemv)(&w[r0 * rb..(r0 + out.len()) * rb], rb, xq, out);
-                });
-        } else {
-            acc.par_chunks_mut(rows)
-                .zip(xq.par_chunks(k))
-                .for_each(|(out, x)| (kernels.gemm)(w, rb, x, 1, out));
+        debug_assert_eq!(xq.len(), tokens * self.padded_in());
+        debug_assert_eq!(acc.len(), tokens * self.out_features());
+        if tokens == 0 {
+            return;
         }
+        acc.par_chunks_mut(ROWS_PER_TASK * tokens)
+            .enumerate()
+            .for_each(|(i, out)| {
+                let r0 = i * ROWS_PER_TASK;
+                let n = out.len() / tokens;
+                let rows = &w[r0 * rb..(r0 + n) * rb];
+                if tokens == 1 {
+                    (kernels.gemv)(rows, rb, xq, out);
+                } else {
+                    (kernels.gemm)(rows, rb, xq, tokens, out);
+                }
+            });
+    }
+
+    /// Where [`Self::forward_i32`] puts the sum of token `t` and row `r`.
+    #[inline]
+    pub fn acc_index(&self, tokens: usize, t: usize, r: usize) -> usize {
+        let r0 = r / ROWS_PER_TASK * ROWS_PER_TASK;
+        let n = ROWS_PER_TASK.min(self.out_features() - r0);
+        r0 * tokens + t * n + (r - r0)
     }
 
     /// The layer's output for already quantized inputs: `y[t * out + r]` from `acc` and the
@@ -162,15 +175,15 @@ impl BitLinear {
         }
         self.forward_i32(kernels, xq, tokens, acc);
         let rows = self.out_features();
-        for ((yt, at), &s) in y
-            .chunks_exact_mut(rows)
-            .zip(acc.chunks_exact(rows))
-            .zip(s_x)
-        {
-            for (yo, &a) in yt.iter_mut().zip(at) {
-                *yo = self.scale.apply(a, s);
-            }
-        }
+        let acc = &*acc;
+        y.par_chunks_mut(rows)
+            .zip(s_x.par_iter())
+            .enumerate()
+            .for_each(|(t, (yt, &s))| {
+                for (r, yo) in yt.iter_mut().enumerate() {
+                    *yo = self.scale.apply(acc[self.acc_index(tokens, t, r)], s);
+                }
+            });
     }
 
     fn forward_block_scaled(
@@ -250,6 +263,41 @@ mod tests {
         assert_eq!(sx, vec![1.0, 1.0]);
         assert_eq!(&q[..3], &[127, 3, -5]);
         assert_eq!(y, vec![66.0, 62.5, 64.0, -62.0]);
+    }
+
+    #[test]
+    fn chunked_accumulators_map_back_to_every_token_and_row() {
+        // 70 rows: one full task of 64 rows and a partial one; 3 tokens.
+        let (rows, cols, tokens) = (70usize, 200usize, 3usize);
+        let codes: Vec<i8> = (0..rows * cols)
+            .map(|i| ((i * 7 + i / 13) % 3) as i8 - 1)
+            .collect();
+        let layer = BitLinear::new(
+            TernaryMatrix::from_codes(&codes, rows, cols).unwrap(),
+            WeightScale::Direct(1.0),
+        );
+        let x: Vec<f32> = (0..tokens * cols)
+            .map(|i| {
+                if i % cols == 0 {
+                    127.0
+                } else {
+                    ((i * 31) % 255) as f32 - 127.0
+                }
+            })
+            .collect();
+        for kernels in Kernels::available() {
+            let (q, sx, y) = layer.forward_f32(kernels, &x);
+            assert_eq!(sx, vec![1.0; tokens]);
+            let k = layer.padded_in();
+            for t in 0..tokens {
+                for r in 0..rows {
+                    let want: i32 = (0..cols)
+                        .map(|c| codes[r * cols + c] as i32 * q[t * k + c] as i32)
+                        .sum();
+                    assert_eq!(y[t * rows + r], want as f32, "{} t{t} r{r}", kernels.name);
+                }
+            }
+        }
     }
 
     #[test]

@@ -10,18 +10,20 @@
 //!
 //! One `vpmaddubsw` lane is `c * x + c * x` with `c <= 2` and `-128 <= x <= 127`, so it lies in
 //! `[-512, 508]` and never saturates. The four products of one block add up to `[-2048, 2032]`
-//! per i16 lane, and [`FLUSH_BLOCKS`] = 8 blocks of them to `[-16384, 16256]`, well inside
+//! per i16 lane, and `FLUSH_BLOCKS` = 8 blocks of them to `[-16384, 16256]`, well inside
 //! i16. Then `vpmaddwd` against ones widens them to i32 lanes. The i32 totals are exact as long
-//! as `|sum_k c_k x_k| < 2^31`, that is for rows of fewer than 2^22 inputs; past that the scalar
-//! reference would overflow too.
+//! as `|sum_k c_k x_k| <= 256 * k < 2^31`, that is for rows of fewer than 2^23 inputs; past that
+//! the scalar reference would overflow too.
 //!
 //! # Weight reuse
 //!
-//! Every product is computed by [`tile`], which streams a tile of `R` weight rows against `T`
+//! Every product is computed by `tile`, which streams a tile of `R` weight rows against `T`
 //! activation rows: each block of weights is loaded and unpacked once and used for `T` tokens,
 //! and each activation vector is loaded once per `R` rows. `gemv` uses 4 rows x 1 token; `gemm`
 //! uses 1 row x 4 tokens (prefill is compute-bound, so unpacking each weight block once per 4
-//! tokens matters), and smaller tiles for the 1 to 3 tokens left over.
+//! tokens matters), and smaller tiles for the 1 to 3 tokens left over. Tiles of 2 rows x 4
+//! tokens measured slower, and sweeping the token groups over L2-sized bands of rows measured
+//! no faster (the product is compute-bound, not bound by streaming the weights from L3).
 
 use std::arch::x86_64::*;
 
@@ -35,7 +37,7 @@ const FLUSH_BLOCKS: usize = 8;
 const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
 
 /// Rows of weights per tile when streaming one token (decode).
-const GEMV_ROWS: usize = 2;
+const GEMV_ROWS: usize = 4;
 
 /// Rows of `w` that a call covers, after the checks that make the unsafe loads sound.
 fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
@@ -104,6 +106,7 @@ unsafe fn products(
     debug_assert!(w.len() >= rows * row_bytes);
     debug_assert!(x.len() >= tokens * row_bytes * 4);
     debug_assert!(out.len() >= tokens * rows);
+    // Each group of tokens streams all the weights once (see the module docs).
     let mut t0 = 0;
     while t0 + 4 <= tokens {
         // SAFETY (for these calls): the caller's guarantees, with `t0 + T <= tokens`.
@@ -119,7 +122,7 @@ unsafe fn products(
 }
 
 /// The products of all `rows` rows with the `T` activation rows starting at token `t0`, in
-/// tiles of `R` rows (and single rows for the rest).
+/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`.
 ///
 /// # Safety
 ///
@@ -196,24 +199,36 @@ unsafe fn tile<const R: usize, const T: usize>(
 ) -> [[i32; T]; R] {
     let mask = _mm256_set1_epi8(3);
     let ones = _mm256_set1_epi16(1);
+    // Running pointers to the current block of each weight row and activation row (pointer
+    // bumps rather than index arithmetic, which stays cheap with overflow checks on).
+    let mut wp = [w; R];
+    for (r, p) in wp.iter_mut().enumerate() {
+        // SAFETY: the start of row `r < R`, inside the readable range by the contract.
+        *p = w.add(r * row_bytes);
+    }
+    let mut xp = [x as *const __m256i; T];
+    for (t, p) in xp.iter_mut().enumerate() {
+        // SAFETY: the start of activation row `t < T`, readable by the contract.
+        *p = x.add(t * x_stride) as *const __m256i;
+    }
     let mut acc = [[_mm256_setzero_si256(); T]; R];
     let mut b0 = 0;
     while b0 < blocks {
         let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
         let mut acc16 = [[_mm256_setzero_si256(); T]; R];
-        for b in b0..b1 {
-            for (r, acc16r) in acc16.iter_mut().enumerate() {
-                // SAFETY: block `b < blocks` of row `r < R`: readable by the contract.
-                let wv =
-                    _mm256_loadu_si256(w.add(r * row_bytes + b * BLOCK_BYTES) as *const __m256i);
+        for _ in b0..b1 {
+            for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
+                // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
+                // The bumped pointer is at most one past the row's `blocks * 32` bytes.
+                let wv = _mm256_loadu_si256(*p as *const __m256i);
+                *p = p.add(BLOCK_BYTES);
                 let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
                 let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
                 let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
                 let c3 = _mm256_and_si256(wv, mask);
-                for (t, a) in acc16r.iter_mut().enumerate() {
-                    // SAFETY: the 128 activations of block `b` of row `t < T`: readable by
-                    // the contract.
-                    let xb = x.add(t * x_stride + b * BLOCK_ELEMS) as *const __m256i;
+                for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
+                    // SAFETY: the 128 activations of the same block of an activation row:
+                    // readable by the contract.
                     let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb));
                     let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb.add(1)));
                     let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb.add(2)));
@@ -221,6 +236,10 @@ unsafe fn tile<const R: usize, const T: usize>(
                     let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
                     *a = _mm256_add_epi16(*a, s);
                 }
+            }
+            for p in xp.iter_mut() {
+                // SAFETY: at most one past the row's `blocks * 128` activations.
+                *p = p.add(BLOCK_ELEMS / 32);
             }
         }
         for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
