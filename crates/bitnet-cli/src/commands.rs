@@ -481,3 +481,40 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     );
     Ok(())
 }
+
+/// Arguments of `bitnet synth`.
+#[derive(Args)]
+pub struct SynthArgs {
+    /// A public shape (2b4t, 0.7b, 3b, 8b, tiny) or the path of a config.json / HF folder.
+    #[arg(long)]
+    shape: String,
+    /// Output: a .gguf file, or a folder for hf-packed.
+    #[arg(long)]
+    out: PathBuf,
+    /// tq2_0, tq1_0, i2_s, f16 (GGUF) or hf-packed.
+    #[arg(long = "type", default_value = "tq2_0")]
+    kind: String,
+    /// Random seed: the same seed writes the same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// `bitnet synth`.
+pub fn synth(a: SynthArgs) -> Result<()> {
+    use bitnet_inference::synth::{write_synth, SynthOutput, SynthSpec};
+    let spec = SynthSpec::parse(&a.shape)?;
+    let kind = SynthOutput::parse(&a.kind)?;
+    let t = Instant::now();
+    let counts = spec.param_counts();
+    write_synth(&spec, a.seed, &a.out, kind)
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!(
+        "wrote {} ({}: {:.2} B parameters, {}) in {:.1} s",
+        a.out.display(),
+        spec.name,
+        counts.total() as f64 / 1e9,
+        a.kind,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -31,6 +31,8 @@ enum Command {
     Logits(commands::LogitsArgs),
     /// Perplexity of a model on a text file.
     Perplexity(commands::PerplexityArgs),
+    /// Write a random-weight model with the exact shapes of a public BitNet model.
+    Synth(commands::SynthArgs),
     /// Measure prompt-processing and generation speed.
     Bench(commands::BenchArgs),
     /// Write a model as GGUF (TQ1_0, TQ2_0, I2_S or F16 linears).
@@ -68,6 +70,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Convert(a) => commands::convert(a),
         Command::Bench(a) => commands::bench(a),
+        Command::Synth(a) => commands::synth(a),
         Command::Inspect { path } => commands::inspect(&path),
     }
 }

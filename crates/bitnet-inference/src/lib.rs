@@ -5,6 +5,7 @@
 //! pass produces logits for the positions asked for, [`sampler`] picks tokens and
 //! [`tokenizer`] turns them into text.
 
+pub mod bench;
 pub mod config;
 pub mod convert;
 pub mod formats;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod npy;
 pub mod perplexity;
 pub mod sampler;
+pub mod synth;
 pub mod tokenizer;
 
 pub use bitnet_core::{Error, Result};
