@@ -4,7 +4,8 @@
 //! kernel computes exact i32 sums, so every implementation must agree bit for bit with
 //! [`scalar`], the reference.
 //!
-//! Sets: `scalar` (everywhere) and `avx2` (x86-64 CPUs that report AVX2).
+//! Sets: `scalar` (everywhere), `avx2` (x86-64 CPUs that report AVX2), `neon` (AArch64) and
+//! `neon-dotprod` (AArch64 CPUs that report the dot-product extension).
 //!
 //! # Overriding the choice
 //!
@@ -13,6 +14,8 @@
 //! read once, on the first call to [`Kernels::get`]. A name that is unknown, or names a set this
 //! CPU cannot run, is ignored silently and the detected best set is used.
 
+#[cfg(target_arch = "aarch64")]
+pub mod aarch64;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -61,6 +64,24 @@ impl Kernels {
         gemm: x86::avx2::gemm,
     };
 
+    /// The NEON set (AArch64, where NEON is always present). Its functions check for NEON on
+    /// every call and fall back to the scalar ones without it.
+    #[cfg(target_arch = "aarch64")]
+    pub const NEON: Kernels = Kernels {
+        name: "neon",
+        gemv: aarch64::neon::gemv,
+        gemm: aarch64::neon::gemm,
+    };
+
+    /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
+    /// check for it on every call and fall back to the [`NEON`](Self::NEON) ones without it.
+    #[cfg(target_arch = "aarch64")]
+    pub const NEON_DOTPROD: Kernels = Kernels {
+        name: "neon-dotprod",
+        gemv: aarch64::neon::gemv_dotprod,
+        gemm: aarch64::neon::gemm_dotprod,
+    };
+
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
     /// chosen on first call.
     pub fn get() -> &'static Kernels {
@@ -75,6 +96,13 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             sets.push(&Kernels::AVX2);
+        }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            sets.push(&Kernels::NEON);
+            if std::arch::is_aarch64_feature_detected!("dotprod") {
+                sets.push(&Kernels::NEON_DOTPROD);
+            }
         }
         sets
     }
@@ -317,6 +345,15 @@ mod tests {
             is_x86_feature_detected!("avx2"),
             "{names:?}"
         );
+        #[cfg(target_arch = "aarch64")]
+        {
+            use std::arch::is_aarch64_feature_detected;
+            let neon = is_aarch64_feature_detected!("neon");
+            let dot = neon && is_aarch64_feature_detected!("dotprod");
+            assert_eq!(names.contains(&"neon"), neon, "{names:?}");
+            assert_eq!(names.contains(&"neon-dotprod"), dot, "{names:?}");
+            assert_eq!(Kernels::by_name("NEON-DotProd").is_some(), dot);
+        }
         assert_eq!(Kernels::by_name("scalar").unwrap().name, "scalar");
         assert_eq!(Kernels::by_name(" Scalar\n").unwrap().name, "scalar");
         assert!(Kernels::by_name("avx512").is_none());

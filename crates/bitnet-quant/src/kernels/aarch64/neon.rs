@@ -1,0 +1,582 @@
+//! NEON kernels for the runtime layout, with and without the dot-product extension.
+//!
+//! As in the AVX2 set, with codes `c = t + 1` in {0, 1, 2}, `sum_k t_k x_k = sum_k c_k x_k -
+//! sum_k x_k`: the kernels multiply codes, and the second sum, which depends on the activation
+//! row only, is computed once per row and call. Two 16-byte loads of a block, shifts and masks
+//! give the codes of its 128 weights as eight vectors of 16 that line up with the block's eight
+//! 16-byte activation vectors (see [`crate::ternary`]).
+//!
+//! - `neon` (every AArch64 CPU): `smlal` / `smlal2` multiply the bytes and add the products into
+//!   i16 lanes, which `sadalp` adds pairwise into i32 lanes every [`FLUSH_BLOCKS`] blocks.
+//! - `neon-dotprod` (the Armv8.2 `dotprod` extension): `sdot` adds four products at a time into
+//!   i32 lanes. Its intrinsic `vdotq_s32` is not stable in Rust yet, so [`sdot`] is one
+//!   instruction of inline assembly. The codes in bits 5-4 and 3-2 are not shifted down but only
+//!   masked, so they are `16 * c` and `4 * c` (still at most 32, a valid signed byte); their
+//!   products go to accumulators of their own, which are shifted right by 4 and 2 (exact: every
+//!   lane is a multiple of 16 or 4) into the main one every [`DOT_FLUSH_BLOCKS`] blocks. That is
+//!   one operation per code vector instead of two.
+//!
+//! # No overflow
+//!
+//! One product `c * x` lies in `[-256, 254]`. In the `neon` set each i16 lane takes 8 products
+//! per block (the low and high halves of four vectors), in `[-2048, 2032]`, so `FLUSH_BLOCKS` =
+//! 8 blocks of them stay within `[-16384, 16256]`, inside i16. In the `neon-dotprod` set a lane of
+//! the scaled accumulators takes 8 products per block of at most `32 * 128 = 4096` in magnitude,
+//! so `DOT_FLUSH_BLOCKS` = 1024 blocks stay within 2^25, far inside i32, and the shifts are exact.
+//! Everything else is i32 lanes whose additions wrap modulo 2^32, so the horizontal sums minus
+//! the activation sum equal the exact `sum_k t_k x_k` whenever that fits in i32, which is
+//! whenever the scalar reference does not overflow either, however long the rows.
+//!
+//! # Weight reuse
+//!
+//! As in the AVX2 set, every product is computed by a tile of `R` weight rows against `T`
+//! activation rows: each block of weights is loaded and unpacked once and used for `T` tokens,
+//! and each activation vector is loaded once per `R` rows. `gemv` uses 4 rows x 1 token and
+//! `gemm` 1 row x 4 tokens, with smaller tiles for the 1 to 3 tokens left over. These are the
+//! AVX2 set's shapes; they have not been tuned on Arm hardware.
+
+use std::arch::aarch64::*;
+use std::arch::asm;
+use std::arch::is_aarch64_feature_detected;
+
+use crate::kernels::scalar;
+use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+
+/// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
+const FLUSH_BLOCKS: usize = 8;
+
+// Worst case of one i16 lane after FLUSH_BLOCKS blocks: 8 products of -256 per block.
+const _: () = assert!(FLUSH_BLOCKS * 8 * 256 <= i16::MAX as usize);
+
+/// Blocks accumulated in the scaled `sdot` accumulators before they are shifted into the main
+/// one (see the module docs).
+const DOT_FLUSH_BLOCKS: usize = 1024;
+
+// Worst case of one scaled i32 lane after DOT_FLUSH_BLOCKS blocks: 8 products of 32 * 128.
+const _: () = assert!(DOT_FLUSH_BLOCKS * 8 * 32 * 128 <= i32::MAX as usize);
+
+/// Rows of weights per tile when streaming one token (decode).
+const GEMV_ROWS: usize = 4;
+
+/// Rows of `w` that a call covers, after the checks that make the unsafe loads sound.
+fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
+    assert!(
+        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
+        "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
+    );
+    assert!(
+        x_len >= tokens * row_bytes * 4,
+        "{x_len} activations cannot hold {tokens} rows of {}",
+        row_bytes * 4
+    );
+    w.len() / row_bytes
+}
+
+/// NEON matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
+/// [`scalar::gemv`]; on a CPU without NEON it calls it.
+pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::gemv(w, row_bytes, x, out);
+    }
+    debug_assert_eq!(x.len(), row_bytes * 4);
+    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    // SAFETY: NEON was detected just above and `DOT` is false. `checked_rows` asserted that
+    // `row_bytes` is a positive multiple of 32 and that `x` holds `row_bytes * 4` activations;
+    // `rows` rows of `row_bytes` fit in `w` and `rows` outputs fit in `out`, which is all
+    // `products` reads and writes.
+    unsafe { products::<false>(w, row_bytes, rows, x, 1, out) }
+}
+
+/// NEON matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
+/// [`scalar::gemm`]; on a CPU without NEON it calls it.
+pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]) {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::gemm(w, row_bytes, x, tokens, out);
+    }
+    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    assert!(
+        out.len() >= tokens * rows,
+        "{} outputs cannot hold {tokens} x {rows}",
+        out.len()
+    );
+    // SAFETY: NEON was detected just above and `DOT` is false; `checked_rows` and the assert
+    // above guarantee that `w` holds `rows` rows of `row_bytes` (a positive multiple of 32), `x`
+    // holds `tokens` rows of `row_bytes * 4` activations and `out` holds `tokens * rows` outputs.
+    unsafe { products::<false>(w, row_bytes, rows, x, tokens, out) }
+}
+
+/// NEON + dotprod matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
+/// [`scalar::gemv`]; on a CPU without dotprod it calls [`gemv`].
+pub fn gemv_dotprod(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+    if !(is_aarch64_feature_detected!("neon") && is_aarch64_feature_detected!("dotprod")) {
+        return gemv(w, row_bytes, x, out);
+    }
+    debug_assert_eq!(x.len(), row_bytes * 4);
+    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true. `checked_rows`
+    // asserted that `row_bytes` is a positive multiple of 32 and that `x` holds
+    // `row_bytes * 4` activations; `rows` rows of `row_bytes` fit in `w` and `rows` outputs fit
+    // in `out`, which is all `products` reads and writes.
+    unsafe { products::<true>(w, row_bytes, rows, x, 1, out) }
+}
+
+/// NEON + dotprod matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
+/// [`scalar::gemm`]; on a CPU without dotprod it calls [`gemm`].
+pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]) {
+    if !(is_aarch64_feature_detected!("neon") && is_aarch64_feature_detected!("dotprod")) {
+        return gemm(w, row_bytes, x, tokens, out);
+    }
+    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    assert!(
+        out.len() >= tokens * rows,
+        "{} outputs cannot hold {tokens} x {rows}",
+        out.len()
+    );
+    // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true; `checked_rows`
+    // and the assert above guarantee that `w` holds `rows` rows of `row_bytes` (a positive
+    // multiple of 32), `x` holds `tokens` rows of `row_bytes * 4` activations and `out` holds
+    // `tokens * rows` outputs.
+    unsafe { products::<true>(w, row_bytes, rows, x, tokens, out) }
+}
+
+/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`, with `sdot` if
+/// `DOT` and `smlal` otherwise.
+///
+/// # Safety
+///
+/// NEON must be available, and dotprod too if `DOT`. `row_bytes` must be a positive multiple
+/// of [`BLOCK_BYTES`], `w` must hold at least `rows * row_bytes` bytes, `x` at least
+/// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
+#[target_feature(enable = "neon")]
+unsafe fn products<const DOT: bool>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &[i8],
+    tokens: usize,
+    out: &mut [i32],
+) {
+    debug_assert!(row_bytes > 0 && row_bytes % BLOCK_BYTES == 0);
+    debug_assert!(w.len() >= rows * row_bytes);
+    debug_assert!(x.len() >= tokens * row_bytes * 4);
+    debug_assert!(out.len() >= tokens * rows);
+    // Each group of tokens streams all the weights once (see the module docs).
+    let mut t0 = 0;
+    while t0 + 4 <= tokens {
+        // SAFETY (for these calls): the caller's guarantees, with `t0 + T <= tokens`.
+        group::<DOT, 1, 4>(w, row_bytes, rows, x, t0, out);
+        t0 += 4;
+    }
+    match tokens - t0 {
+        0 => {}
+        1 => group::<DOT, GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
+        2 => group::<DOT, 2, 2>(w, row_bytes, rows, x, t0, out),
+        _ => group::<DOT, 1, 3>(w, row_bytes, rows, x, t0, out),
+    }
+}
+
+/// The products of all `rows` rows with the `T` activation rows starting at token `t0`, in
+/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`.
+///
+/// # Safety
+///
+/// As [`products`], with `t0 + T <= tokens`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    rows: usize,
+    x: &[i8],
+    t0: usize,
+    out: &mut [i32],
+) {
+    let blocks = row_bytes / BLOCK_BYTES;
+    let k = blocks * BLOCK_ELEMS;
+    // In bounds: `x` holds at least `(t0 + T) * k` activations.
+    let xs = &x[t0 * k..(t0 + T) * k];
+    let mut sums = [0i32; T];
+    for (t, s) in sums.iter_mut().enumerate() {
+        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
+        *s = sum_x(xs[t * k..].as_ptr(), blocks);
+    }
+    let mut r = 0;
+    while r + R <= rows {
+        // SAFETY: rows `r..r + R` lie in `w` (`rows * row_bytes <= w.len()`), the `T`
+        // activation rows of `xs` are `k` apart and `k` long, and dotprod is available if `DOT`.
+        let d = tile::<DOT, R, T>(
+            w[r * row_bytes..].as_ptr(),
+            row_bytes,
+            xs.as_ptr(),
+            k,
+            blocks,
+        );
+        for (i, di) in d.iter().enumerate() {
+            for (t, &v) in di.iter().enumerate() {
+                out[(t0 + t) * rows + r + i] = v.wrapping_sub(sums[t]);
+            }
+        }
+        r += R;
+    }
+    while r < rows {
+        // SAFETY: as above, for the single row `r < rows`.
+        let d = tile::<DOT, 1, T>(
+            w[r * row_bytes..].as_ptr(),
+            row_bytes,
+            xs.as_ptr(),
+            k,
+            blocks,
+        );
+        for (t, &v) in d[0].iter().enumerate() {
+            out[(t0 + t) * rows + r] = v.wrapping_sub(sums[t]);
+        }
+        r += 1;
+    }
+}
+
+/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` rows from `w`, `row_bytes` apart,
+/// and `T` activation rows from `x`, `x_stride` apart, over `blocks` blocks: [`tile_dot`] if
+/// `DOT`, else [`tile_mla`].
+///
+/// # Safety
+///
+/// As [`tile_mla`], and dotprod must be available if `DOT`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn tile<const DOT: bool, const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const i8,
+    x_stride: usize,
+    blocks: usize,
+) -> [[i32; T]; R] {
+    if DOT {
+        // SAFETY: the caller's guarantees, dotprod included.
+        tile_dot::<R, T>(w, row_bytes, x, x_stride, blocks)
+    } else {
+        // SAFETY: the caller's guarantees.
+        tile_mla::<R, T>(w, row_bytes, x, x_stride, blocks)
+    }
+}
+
+/// [`tile`] with `smlal` into i16 lanes, widened into i32 lanes every [`FLUSH_BLOCKS`] blocks.
+///
+/// # Safety
+///
+/// NEON must be available; for every `r < R` the `blocks * 32` bytes from `w + r * row_bytes`,
+/// and for every `t < T` the `blocks * 128` bytes from `x + t * x_stride`, must be readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn tile_mla<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const i8,
+    x_stride: usize,
+    blocks: usize,
+) -> [[i32; T]; R] {
+    // Running pointers to the current block of each weight row and activation row.
+    let mut wp = [w; R];
+    for (r, p) in wp.iter_mut().enumerate() {
+        // SAFETY: the start of row `r < R`, inside the readable range by the contract.
+        *p = w.add(r * row_bytes);
+    }
+    let mut xp = [x; T];
+    for (t, p) in xp.iter_mut().enumerate() {
+        // SAFETY: the start of activation row `t < T`, readable by the contract.
+        *p = x.add(t * x_stride);
+    }
+    let mut acc = [[vdupq_n_s32(0); T]; R];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
+        // Two i16 accumulators per row and token, for the even and odd vectors of a block.
+        let mut acc16 = [[[vdupq_n_s16(0); 2]; T]; R];
+        for _ in b0..b1 {
+            for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
+                // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
+                // The bumped pointer is at most one past the row's `blocks * 32` bytes.
+                let wv = codes(*p);
+                *p = p.add(BLOCK_BYTES);
+                for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
+                    for (i, &cv) in wv.iter().enumerate() {
+                        // SAFETY: vector `i < 8` of the 128 activations of the same block of
+                        // an activation row: readable by the contract.
+                        let xv = vld1q_s8(xb.add(16 * i));
+                        let h = &mut a[i % 2];
+                        *h = vmlal_s8(*h, vget_low_s8(cv), vget_low_s8(xv));
+                        *h = vmlal_high_s8(*h, cv, xv);
+                    }
+                }
+            }
+            for p in xp.iter_mut() {
+                // SAFETY: at most one past the row's `blocks * 128` activations.
+                *p = p.add(BLOCK_ELEMS);
+            }
+        }
+        for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
+            for (a, a16) in accr.iter_mut().zip(acc16r) {
+                *a = vpadalq_s16(vpadalq_s16(*a, a16[0]), a16[1]);
+            }
+        }
+        b0 = b1;
+    }
+    let mut out = [[0i32; T]; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (ov, &av) in o.iter_mut().zip(a) {
+            *ov = vaddvq_s32(av);
+        }
+    }
+    out
+}
+
+/// [`tile`] with `sdot` into i32 lanes, the codes of bits 5-4 and 3-2 scaled by 16 and 4 in
+/// accumulators of their own (see the module docs).
+///
+/// # Safety
+///
+/// As [`tile_mla`], and dotprod must be available.
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn tile_dot<const R: usize, const T: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    x: *const i8,
+    x_stride: usize,
+    blocks: usize,
+) -> [[i32; T]; R] {
+    let mut wp = [w; R];
+    for (r, p) in wp.iter_mut().enumerate() {
+        // SAFETY: the start of row `r < R`, inside the readable range by the contract.
+        *p = w.add(r * row_bytes);
+    }
+    let mut xp = [x; T];
+    for (t, p) in xp.iter_mut().enumerate() {
+        // SAFETY: the start of activation row `t < T`, readable by the contract.
+        *p = x.add(t * x_stride);
+    }
+    // Per row and token: the products of the unscaled codes (bits 7-6 and 1-0), and those of
+    // the codes scaled by 16 (bits 5-4) and by 4 (bits 3-2).
+    let mut acc = [[[vdupq_n_s32(0); 3]; T]; R];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let b1 = (b0 + DOT_FLUSH_BLOCKS).min(blocks);
+        for _ in b0..b1 {
+            for (p, accr) in wp.iter_mut().zip(acc.iter_mut()) {
+                // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
+                // The bumped pointer is at most one past the row's `blocks * 32` bytes.
+                let wv = scaled_codes(*p);
+                *p = p.add(BLOCK_BYTES);
+                for (&xb, a) in xp.iter().zip(accr.iter_mut()) {
+                    for (i, &cv) in wv.iter().enumerate() {
+                        // SAFETY: vector `i < 8` of the 128 activations of the same block of
+                        // an activation row: readable by the contract. dotprod is available.
+                        let xv = vld1q_s8(xb.add(16 * i));
+                        let slot = &mut a[SCALED_SLOT[i]];
+                        *slot = sdot(*slot, cv, xv);
+                    }
+                }
+            }
+            for p in xp.iter_mut() {
+                // SAFETY: at most one past the row's `blocks * 128` activations.
+                *p = p.add(BLOCK_ELEMS);
+            }
+        }
+        // (Nested loops: a flattened iterator here keeps `acc` in memory, not in registers.)
+        for accr in acc.iter_mut() {
+            for a in accr.iter_mut() {
+                // Exact: the lanes of a[1] and a[2] are multiples of 16 and 4, not overflowed.
+                a[0] = vsraq_n_s32::<4>(a[0], a[1]);
+                a[0] = vsraq_n_s32::<2>(a[0], a[2]);
+                a[1] = vdupq_n_s32(0);
+                a[2] = vdupq_n_s32(0);
+            }
+        }
+        b0 = b1;
+    }
+    let mut out = [[0i32; T]; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (ov, av) in o.iter_mut().zip(a) {
+            *ov = vaddvq_s32(av[0]);
+        }
+    }
+    out
+}
+
+/// The accumulator of [`tile_dot`] that takes the products of code vector `i` of
+/// [`scaled_codes`]: 0 unscaled, 1 scaled by 16, 2 scaled by 4.
+const SCALED_SLOT: [usize; 8] = [0, 0, 1, 1, 2, 2, 0, 0];
+
+/// The codes of the block at `p` as [`codes`] gives them, except that vectors 2 and 3 hold
+/// `16 * c` and vectors 4 and 5 hold `4 * c` (masked in place, not shifted down).
+///
+/// # Safety
+///
+/// NEON must be available and the 32 bytes from `p` readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn scaled_codes(p: *const u8) -> [int8x16_t; 8] {
+    // SAFETY: the block's 32 bytes are readable by the contract.
+    let lo = vld1q_u8(p);
+    let hi = vld1q_u8(p.add(16));
+    let (m5_4, m3_2, m1_0) = (vdupq_n_u8(0x30), vdupq_n_u8(0x0C), vdupq_n_u8(0x03));
+    let c = [
+        vshrq_n_u8::<6>(lo),
+        vshrq_n_u8::<6>(hi),
+        vandq_u8(lo, m5_4),
+        vandq_u8(hi, m5_4),
+        vandq_u8(lo, m3_2),
+        vandq_u8(hi, m3_2),
+        vandq_u8(lo, m1_0),
+        vandq_u8(hi, m1_0),
+    ];
+    let mut out = [vdupq_n_s8(0); 8];
+    for (o, c) in out.iter_mut().zip(c) {
+        *o = vreinterpretq_s8_u8(c);
+    }
+    out
+}
+
+/// The codes of the 128 weights of the block at `p` as eight vectors of bytes in {0, 1, 2}:
+/// vector `i` holds those of weights `16 * i .. 16 * i + 16`, lined up with the block's
+/// activation vector `i`.
+///
+/// # Safety
+///
+/// NEON must be available and the 32 bytes from `p` readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn codes(p: *const u8) -> [int8x16_t; 8] {
+    let mask = vdupq_n_u8(3);
+    // SAFETY: the block's 32 bytes are readable by the contract.
+    let lo = vld1q_u8(p);
+    let hi = vld1q_u8(p.add(16));
+    // Bits 7-6 of byte j hold weight j, bits 5-4 weight j + 32, and so on: lane `l` of the
+    // bytes shifted right by `6 - 2 * l` (and masked) covers weights `32 * l .. 32 * l + 32`,
+    // the first 16 from `lo` and the next 16 from `hi`.
+    let c = [
+        vshrq_n_u8::<6>(lo),
+        vshrq_n_u8::<6>(hi),
+        vandq_u8(vshrq_n_u8::<4>(lo), mask),
+        vandq_u8(vshrq_n_u8::<4>(hi), mask),
+        vandq_u8(vshrq_n_u8::<2>(lo), mask),
+        vandq_u8(vshrq_n_u8::<2>(hi), mask),
+        vandq_u8(lo, mask),
+        vandq_u8(hi, mask),
+    ];
+    let mut out = [vdupq_n_s8(0); 8];
+    for (o, c) in out.iter_mut().zip(c) {
+        *o = vreinterpretq_s8_u8(c);
+    }
+    out
+}
+
+/// `sum_k x[k]` over `blocks * 128` activations (wrapping, like the kernels' lanes).
+///
+/// # Safety
+///
+/// NEON must be available and the `blocks * 128` bytes from `x` readable.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
+    let mut acc = vdupq_n_s32(0);
+    for b in 0..blocks {
+        // SAFETY: block `b < blocks`: readable by the contract.
+        let xb = x.add(b * BLOCK_ELEMS);
+        // Each i16 lane adds 16 activations: within [-2048, 2032].
+        let mut s = vpaddlq_s8(vld1q_s8(xb));
+        for i in 1..8 {
+            s = vpadalq_s8(s, vld1q_s8(xb.add(16 * i)));
+        }
+        acc = vpadalq_s16(acc, s);
+    }
+    vaddvq_s32(acc)
+}
+
+/// `acc + ` the dot products of each group of four bytes of `a` and `b`, per i32 lane (the
+/// `sdot` instruction; exact but for the wrapping of the i32 lanes).
+///
+/// # Safety
+///
+/// dotprod must be available.
+#[target_feature(enable = "neon,dotprod")]
+#[inline]
+unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: `sdot` only reads and writes these vector registers; dotprod is available by the
+    // contract.
+    asm!(
+        "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+        acc = inout(vreg) acc,
+        a = in(vreg) a,
+        b = in(vreg) b,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TernaryMatrix;
+
+    /// Block counts around both flushes, with the largest sums of both signs and with mixed
+    /// codes and activations, through every entry point (the dotprod ones fall back to the NEON
+    /// ones on CPUs without dotprod).
+    #[test]
+    fn flush_boundaries_and_extremes() {
+        let sets: [(&str, crate::kernels::GemvFn, crate::kernels::GemmFn); 2] = [
+            ("neon", gemv, gemm),
+            ("neon-dotprod", gemv_dotprod, gemm_dotprod),
+        ];
+        let (rows, tokens) = (5, 6);
+        for blocks in [
+            1,
+            FLUSH_BLOCKS - 1,
+            FLUSH_BLOCKS,
+            FLUSH_BLOCKS + 1,
+            2 * FLUSH_BLOCKS + 1,
+            DOT_FLUSH_BLOCKS - 1,
+            DOT_FLUSH_BLOCKS,
+            DOT_FLUSH_BLOCKS + 1,
+            2 * DOT_FLUSH_BLOCKS + 3,
+        ] {
+            let cols = blocks * BLOCK_ELEMS;
+            // Constant codes and activations (the extremes), then a mixed pattern.
+            let fills = [(-1i8, -128i8), (1, -128), (-1, 127), (1, 127), (0, 0)];
+            for (fill, &(code, xv)) in fills.iter().enumerate() {
+                let mixed = fill == fills.len() - 1;
+                let codes: Vec<i8> = (0..rows * cols)
+                    .map(|i| if mixed { (i * 7 % 3) as i8 - 1 } else { code })
+                    .collect();
+                let x: Vec<i8> = (0..tokens * cols)
+                    .map(|i| {
+                        if mixed {
+                            (i * 37 % 256) as u8 as i8
+                        } else {
+                            xv
+                        }
+                    })
+                    .collect();
+                let m = TernaryMatrix::from_codes(&codes, rows, cols).unwrap();
+                let mut want = vec![0i32; rows * tokens];
+                scalar::gemm(m.bytes(), m.row_bytes(), &x, tokens, &mut want);
+                if !mixed {
+                    assert!(want
+                        .iter()
+                        .all(|&v| v == code as i32 * xv as i32 * cols as i32));
+                }
+                for (name, gemv, gemm) in sets {
+                    let mut out = vec![0x5A5A_5A5A; rows];
+                    gemv(m.bytes(), m.row_bytes(), &x[..cols], &mut out);
+                    assert_eq!(
+                        out,
+                        want[..rows],
+                        "{name} gemv {blocks} blocks, fill {fill}"
+                    );
+                    let mut out = vec![0x5A5A_5A5A; rows * tokens];
+                    gemm(m.bytes(), m.row_bytes(), &x, tokens, &mut out);
+                    assert_eq!(out, want, "{name} gemm {blocks} blocks, fill {fill}");
+                }
+            }
+        }
+    }
+}
