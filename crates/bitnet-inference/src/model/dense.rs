@@ -1,6 +1,7 @@
 //! Full-precision matrices (embeddings, output head) kept in their file format.
 
 use bitnet_core::{DType, Storage};
+use bitnet_quant::kernels::Kernels;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -216,8 +217,15 @@ impl DenseMatrix {
     /// `k = j mod 8`) combined at the end. The order is fixed, so the result does not depend on
     /// threads. The row is decoded in chunks into a stack buffer so the multiply-add loop is a
     /// plain f32 loop the compiler vectorizes.
-    fn dot(&self, r: usize, x: &[f32]) -> f32 {
+    fn dot(&self, kernels: &Kernels, r: usize, x: &[f32]) -> f32 {
         const CHUNK: usize = 256;
+        if self.format == DenseFormat::F16 {
+            // The map keeps GGUF and safetensors data 2-byte aligned in practice; the buffered
+            // path below gives the same bits when it is not.
+            if let Ok(w) = bytemuck::try_cast_slice::<u8, f16>(self.row(r)) {
+                return (kernels.dot_f16)(w, &x[..self.cols]);
+            }
+        }
         let mut acc = [0f32; 8];
         let mut buf = [0f32; CHUNK];
         let row = self.row(r);
@@ -287,12 +295,12 @@ impl DenseMatrix {
     }
 
     /// `out[r] = row_r . x` for every row, in parallel over rows.
-    pub fn matvec(&self, x: &[f32], out: &mut [f32]) {
+    pub fn matvec(&self, kernels: &Kernels, x: &[f32], out: &mut [f32]) {
         out.par_chunks_mut(HEAD_ROWS_PER_TASK)
             .enumerate()
             .for_each(|(i, o)| {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = self.dot(i * HEAD_ROWS_PER_TASK + j, x);
+                    *v = self.dot(kernels, i * HEAD_ROWS_PER_TASK + j, x);
                 }
             });
     }
@@ -320,7 +328,7 @@ mod tests {
         m.row_to_f32(0, &mut row);
         assert_eq!(row[3], 1.5);
         let mut out = [0f32];
-        m.matvec(&[1.0; 32], &mut out);
+        m.matvec(Kernels::get(), &[1.0; 32], &mut out);
         assert_eq!(out[0], 0.5 * (31.0 * 32.0 / 2.0));
         let short = Storage::heap(AlignedBuffer::from_bytes(&bytes[..33]));
         assert!(DenseMatrix::new("t", DenseFormat::Q8_0, 1, 32, short).is_err());

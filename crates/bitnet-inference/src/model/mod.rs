@@ -513,7 +513,11 @@ impl Model {
             for t in t0 + first..t0 + n {
                 let xn = &mut nb[..h];
                 ops::rms_norm(&x[t * h..(t + 1) * h], &self.norm, eps, xn);
-                head.matvec(xn, &mut logits[row * vocab..(row + 1) * vocab]);
+                head.matvec(
+                    self.kernels,
+                    xn,
+                    &mut logits[row * vocab..(row + 1) * vocab],
+                );
                 row += 1;
             }
             step.cache.advance(n);

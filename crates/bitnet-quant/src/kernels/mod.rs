@@ -30,6 +30,12 @@ pub type GemvFn = fn(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]);
 /// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` with `rows = w.len() / row_bytes`.
 pub type GemmFn = fn(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]);
 
+/// `sum_k w[k] * x[k]` over `min(w.len(), x.len())` values, with eight running f32 sums (sum
+/// `j` takes `k = j mod 8`, products rounded before they are added) combined as
+/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`. The order is part of the contract, so
+/// every implementation gives the same bits.
+pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
+
 /// A set of kernels for one instruction set.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -39,6 +45,8 @@ pub struct Kernels {
     pub gemv: GemvFn,
     /// Matrix-matrix product (prefill, batches).
     pub gemm: GemmFn,
+    /// Dot product of an f16 row with f32 values (the output head).
+    pub dot_f16: DotF16Fn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -53,6 +61,7 @@ impl Kernels {
         name: "scalar",
         gemv: scalar::gemv,
         gemm: scalar::gemm,
+        dot_f16: scalar::dot_f16,
     };
 
     /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
@@ -62,6 +71,7 @@ impl Kernels {
         name: "avx2",
         gemv: x86::avx2::gemv,
         gemm: x86::avx2::gemm,
+        dot_f16: x86::avx2::dot_f16,
     };
 
     /// The NEON set (AArch64, where NEON is always present). Its functions check for NEON on
@@ -71,6 +81,7 @@ impl Kernels {
         name: "neon",
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
+        dot_f16: scalar::dot_f16,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -80,6 +91,7 @@ impl Kernels {
         name: "neon-dotprod",
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
+        dot_f16: scalar::dot_f16,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
@@ -131,6 +143,31 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn dot_f16_sets_match_scalar_bit_for_bit() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        };
+        for n in [0usize, 1, 7, 8, 9, 31, 255, 256, 257, 2560, 2561] {
+            let w: Vec<half::f16> = (0..n).map(|_| half::f16::from_f32(next() * 0.1)).collect();
+            let x: Vec<f32> = (0..n).map(|_| next() * 10.0).collect();
+            let want = scalar::dot_f16(&w, &x);
+            for k in Kernels::available() {
+                assert_eq!(
+                    (k.dot_f16)(&w, &x).to_bits(),
+                    want.to_bits(),
+                    "{} n={n}",
+                    k.name
+                );
+            }
+        }
+    }
+
     use super::*;
     use crate::TernaryMatrix;
     use proptest::prelude::*;

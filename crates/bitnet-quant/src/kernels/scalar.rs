@@ -42,6 +42,15 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     }
 }
 
+/// Reference f16 x f32 dot product; see [`super::DotF16Fn`] for the summation order.
+pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (k, (wv, xv)) in w.iter().zip(x).enumerate() {
+        acc[k % 8] += wv.to_f32() * xv;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -297,3 +297,43 @@ unsafe fn hsum(v: __m256i) -> i32 {
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
     _mm_cvtsi128_si32(s)
 }
+
+/// f16 x f32 dot product with F16C conversion; falls back to the scalar kernel on CPUs
+/// without AVX or F16C. Same summation order as [`crate::kernels::scalar::dot_f16`]: lane `j`
+/// of the vector accumulator is running sum `j`, and multiply and add are rounded separately
+/// (no FMA), so the bits agree.
+pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
+    if !(is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c")) {
+        return crate::kernels::scalar::dot_f16(w, x);
+    }
+    // SAFETY: AVX and F16C were just detected; `dot_f16_avx` reads only within both slices.
+    unsafe { dot_f16_avx(w, x) }
+}
+
+#[target_feature(enable = "avx,f16c")]
+unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let full = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut k = 0;
+    while k < full {
+        // SAFETY: k + 8 <= full <= n, so both 8-element loads are inside their slices;
+        // f16 is a 2-byte plain value, as `_mm_loadu_si128` reads 16 unaligned bytes.
+        let (wv, xv) = unsafe {
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(k) as *const __m128i)),
+                _mm256_loadu_ps(x.as_ptr().add(k)),
+            )
+        };
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(wv, xv));
+        k += 8;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds exactly 8 f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    for (j, (wv, xv)) in w[full..n].iter().zip(&x[full..n]).enumerate() {
+        lanes[j] += wv.to_f32() * xv;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+}
