@@ -61,7 +61,7 @@ pub enum TokenType {
     Control,
     /// 4: a user-defined token: matched whole in text, decoded as itself.
     UserDefined,
-    /// 5: a placeholder that never occurs.
+    /// 5: an unused slot that never occurs in text.
     Unused,
     /// 6: a raw byte (SentencePiece's `<0xAB>` tokens).
     Byte,

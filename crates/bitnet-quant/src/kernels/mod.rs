@@ -30,6 +30,24 @@ pub type GemvFn = fn(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]);
 /// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` with `rows = w.len() / row_bytes`.
 pub type GemmFn = fn(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]);
 
+/// Rows of `w` that a SIMD kernel call covers, after the checks that make its unchecked loads
+/// sound: `row_bytes` a positive multiple of a block and `x` long enough for `tokens` rows.
+/// Panics otherwise (a caller bug, not bad input: `BitLinear` builds these arguments).
+#[allow(dead_code)] // used only by the SIMD modules compiled for this target
+pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
+    use crate::ternary::BLOCK_BYTES;
+    assert!(
+        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
+        "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
+    );
+    assert!(
+        x_len >= tokens * row_bytes * 4,
+        "{x_len} activations cannot hold {tokens} rows of {}",
+        row_bytes * 4
+    );
+    w.len() / row_bytes
+}
+
 /// `sum_k w[k] * x[k]` over `min(w.len(), x.len())` values, with eight running f32 sums (sum
 /// `j` takes `k = j mod 8`, products rounded before they are added) combined as
 /// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`. The order is part of the contract, so

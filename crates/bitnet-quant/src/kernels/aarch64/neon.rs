@@ -39,7 +39,7 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::arch::is_aarch64_feature_detected;
 
-use crate::kernels::scalar;
+use crate::kernels::{checked_rows, scalar};
 use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
@@ -57,20 +57,6 @@ const _: () = assert!(DOT_FLUSH_BLOCKS * 8 * 32 * 128 <= i32::MAX as usize);
 
 /// Rows of weights per tile when streaming one token (decode).
 const GEMV_ROWS: usize = 4;
-
-/// Rows of `w` that a call covers, after the checks that make the unsafe loads sound.
-fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
-    assert!(
-        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
-        "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
-    );
-    assert!(
-        x_len >= tokens * row_bytes * 4,
-        "{x_len} activations cannot hold {tokens} rows of {}",
-        row_bytes * 4
-    );
-    w.len() / row_bytes
-}
 
 /// NEON matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
 /// [`scalar::gemv`]; on a CPU without NEON it calls it.

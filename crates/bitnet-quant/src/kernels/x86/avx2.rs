@@ -27,7 +27,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::scalar;
+use crate::kernels::{checked_rows, scalar};
 use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
@@ -38,20 +38,6 @@ const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
 
 /// Rows of weights per tile when streaming one token (decode).
 const GEMV_ROWS: usize = 4;
-
-/// Rows of `w` that a call covers, after the checks that make the unsafe loads sound.
-fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
-    assert!(
-        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
-        "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
-    );
-    assert!(
-        x_len >= tokens * row_bytes * 4,
-        "{x_len} activations cannot hold {tokens} rows of {}",
-        row_bytes * 4
-    );
-    w.len() / row_bytes
-}
 
 /// AVX2 matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
 /// [`scalar::gemv`]; on a CPU without AVX2 it calls it.
