@@ -3,31 +3,14 @@
 
 mod common;
 
-use bitnet_core::ScratchArena;
 use bitnet_inference::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
 use bitnet_inference::formats::gguf::GgufFile;
 use bitnet_inference::loader::{load, LoadOptions};
-use bitnet_inference::model::{GgufOptions, Layer, LogitsFor, Model, SeqStep};
+use bitnet_inference::model::{GgufOptions, Layer, Model};
 use bitnet_quant::i2s::I2sLayout;
 use bitnet_quant::{BitLinear, WeightScale};
 use common::*;
 use half::f16;
-
-fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache(ids.len()).unwrap();
-    let mut out = vec![0.0; ids.len() * m.config().vocab_size];
-    m.forward(
-        &mut [SeqStep {
-            tokens: ids,
-            cache: &mut cache,
-            logits: LogitsFor::All,
-        }],
-        &mut ScratchArena::new(),
-        &mut out,
-    )
-    .unwrap();
-    out
-}
 
 /// The source model with each linear's step replaced by `round(step)`.
 fn with_rounded_steps(src: &Model, round: impl Fn(f32) -> f32) -> Model {
@@ -102,8 +85,8 @@ fn packed_model_round_trips_through_every_ternary_gguf_type() {
                 );
             }
         }
-        let want = logits(&with_rounded_steps(&src.model, round), &ids);
-        let d = max_abs_diff(&logits(&back.model, &ids), &want);
+        let want = logits_all(&with_rounded_steps(&src.model, round), &ids);
+        let d = max_abs_diff(&logits_all(&back.model, &ids), &want);
         assert!(d <= 1e-4, "{ty:?} {layout:?}: max abs diff {d}");
         // The tokenizer travels inside the file.
         assert_eq!(

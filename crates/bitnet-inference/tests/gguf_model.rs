@@ -2,9 +2,8 @@
 
 mod common;
 
-use bitnet_core::ScratchArena;
 use bitnet_inference::formats::gguf::GgufFile;
-use bitnet_inference::model::{GgufOptions, LogitsFor, Model, SeqStep};
+use bitnet_inference::model::{GgufOptions, Model};
 use bitnet_quant::WeightScale;
 use common::*;
 
@@ -24,39 +23,6 @@ fn load(name: &str) -> Model {
     Model::from_gguf(&g, &GgufOptions::default()).unwrap()
 }
 
-fn run(m: &Model, ids: &[u32], incremental: bool) -> Vec<f32> {
-    let v = m.config().vocab_size;
-    let mut cache = m.new_cache(ids.len()).unwrap();
-    let mut scratch = ScratchArena::new();
-    let mut out = vec![0.0; ids.len() * v];
-    if incremental {
-        for (i, id) in ids.iter().enumerate() {
-            m.forward(
-                &mut [SeqStep {
-                    tokens: std::slice::from_ref(id),
-                    cache: &mut cache,
-                    logits: LogitsFor::Last,
-                }],
-                &mut scratch,
-                &mut out[i * v..(i + 1) * v],
-            )
-            .unwrap();
-        }
-    } else {
-        m.forward(
-            &mut [SeqStep {
-                tokens: ids,
-                cache: &mut cache,
-                logits: LogitsFor::All,
-            }],
-            &mut scratch,
-            &mut out,
-        )
-        .unwrap();
-    }
-    out
-}
-
 #[test]
 fn tq_logits_match_transformers_full_and_incremental() {
     let (_, want) = npy_f32("ref/logits_gguf_equiv_f32.npy");
@@ -64,7 +30,14 @@ fn tq_logits_match_transformers_full_and_incremental() {
     for f in ["tiny-bitnet-TQ1_0.gguf", "tiny-bitnet-TQ2_0.gguf"] {
         let m = load(f);
         for inc in [false, true] {
-            let d = max_abs_diff(&run(&m, &ids, inc), &want);
+            let d = max_abs_diff(
+                &if inc {
+                    logits_incremental(&m, &ids)
+                } else {
+                    logits_all(&m, &ids)
+                },
+                &want,
+            );
             assert!(d <= 1e-4, "{f} incremental={inc}: max abs diff {d}");
         }
     }
@@ -112,20 +85,20 @@ fn ternary_valued_f32_gguf_keeps_the_exact_step() {
 fn head_formats_change_logits_only_by_their_rounding() {
     let ids = prompt_ids();
     let base = load("tiny-bitnet-TQ2_0.gguf");
-    let want = run(&base, &ids, false);
+    let want = logits_all(&base, &ids);
     let v = base.config().vocab_size;
     // f16 -> f32 widens exactly: identical logits, twice the bytes.
     let mut wide = load("tiny-bitnet-TQ2_0.gguf");
     wide.set_head_format(bitnet_inference::model::DenseFormat::F32)
         .unwrap();
-    assert_eq!(run(&wide, &ids, false), want);
+    assert_eq!(logits_all(&wide, &ids), want);
     assert_eq!(wide.head().bytes(), 2 * base.head().bytes());
     // Q8_0: 34 bytes per 32 values, logits within 1% of their range, same argmax.
     let mut q = load("tiny-bitnet-TQ2_0.gguf");
     q.set_head_format(bitnet_inference::model::DenseFormat::Q8_0)
         .unwrap();
     assert_eq!(q.head().bytes(), base.head().bytes() * 34 / 64);
-    let got = run(&q, &ids, false);
+    let got = logits_all(&q, &ids);
     let range = want.iter().fold(0f32, |m, x| m.max(x.abs()));
     assert!(max_abs_diff(&got, &want) <= 0.01 * range);
     let argmax = |r: &[f32]| {

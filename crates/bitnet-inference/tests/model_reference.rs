@@ -21,45 +21,6 @@ fn load(variant: &str) -> Model {
     Model::from_hf_folder(&fixture(variant)).unwrap()
 }
 
-/// All positions' logits in one forward pass.
-fn full_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache(ids.len()).unwrap();
-    let mut out = vec![0.0; ids.len() * m.config().vocab_size];
-    let mut scratch = ScratchArena::new();
-    m.forward(
-        &mut [SeqStep {
-            tokens: ids,
-            cache: &mut cache,
-            logits: LogitsFor::All,
-        }],
-        &mut scratch,
-        &mut out,
-    )
-    .unwrap();
-    out
-}
-
-/// Logits fed one token at a time through the KV cache.
-fn incremental_logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let v = m.config().vocab_size;
-    let mut cache = m.new_cache(ids.len()).unwrap();
-    let mut out = vec![0.0; ids.len() * v];
-    let mut scratch = ScratchArena::new();
-    for (i, id) in ids.iter().enumerate() {
-        m.forward(
-            &mut [SeqStep {
-                tokens: std::slice::from_ref(id),
-                cache: &mut cache,
-                logits: LogitsFor::Last,
-            }],
-            &mut scratch,
-            &mut out[i * v..(i + 1) * v],
-        )
-        .unwrap();
-    }
-    out
-}
-
 #[test]
 fn ternary_codes_of_all_variants_equal_the_reference() {
     let codes = reference("ternary_codes.safetensors");
@@ -127,10 +88,10 @@ fn packed_logits_match_transformers_full_and_incremental() {
     let ids = prompt_ids();
     let (shape, want) = npy_f32("ref/logits_packed_f32.npy");
     assert_eq!(shape, vec![ids.len(), m.config().vocab_size]);
-    let full = full_logits(&m, &ids);
+    let full = logits_all(&m, &ids);
     let d = max_abs_diff(&full, &want);
     assert!(d <= 1e-4, "full forward max abs diff {d}");
-    let inc = incremental_logits(&m, &ids);
+    let inc = logits_incremental(&m, &ids);
     let d = max_abs_diff(&inc, &want);
     assert!(d <= 1e-4, "incremental max abs diff {d}");
 }
@@ -140,7 +101,7 @@ fn autobitlinear_offline_logits_match_transformers() {
     // hf_gguf_equiv stores weight_scale = absmean (not inverted) with f16 embeddings.
     let m = load("hf_gguf_equiv");
     let (_, want) = npy_f32("ref/logits_gguf_equiv_f32.npy");
-    let d = max_abs_diff(&full_logits(&m, &prompt_ids()), &want);
+    let d = max_abs_diff(&logits_all(&m, &prompt_ids()), &want);
     assert!(d <= 1e-4, "max abs diff {d}");
 }
 
@@ -149,7 +110,7 @@ fn master_logits_agree_in_argmax_with_the_fake_quant_reference() {
     let m = load("hf_master_bf16");
     let v = m.config().vocab_size;
     let (_, want) = npy_f32("ref/logits_master_online_f32.npy");
-    let got = full_logits(&m, &prompt_ids());
+    let got = logits_all(&m, &prompt_ids());
     let argmax = |r: &[f32]| {
         r.iter()
             .enumerate()
@@ -213,7 +174,7 @@ fn thread_count_does_not_change_logits() {
     let run = |n: usize| {
         bitnet_core::ThreadPool::new(n)
             .unwrap()
-            .install(|| full_logits(&m, &ids))
+            .install(|| logits_all(&m, &ids))
     };
     let one = run(1);
     for n in [2, 3, 5] {
@@ -254,8 +215,8 @@ fn batched_sequences_equal_separate_runs_and_decode_does_not_allocate() {
         &mut out,
     )
     .unwrap();
-    let fa = full_logits(&m, a);
-    let fb = full_logits(&m, b);
+    let fa = logits_all(&m, a);
+    let fb = logits_all(&m, b);
     assert!(max_abs_diff(&out[..v], &fa[(a.len() - 1) * v..]) == 0.0);
     assert!(max_abs_diff(&out[v..], &fb) == 0.0);
 

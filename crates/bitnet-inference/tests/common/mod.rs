@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
+use bitnet_core::ScratchArena;
 use bitnet_inference::formats::safetensors::SafetensorsCheckpoint;
+use bitnet_inference::model::{LogitsFor, Model, SeqStep};
 use bitnet_inference::npy;
 
 /// A path under the repo's copy of the tiny-bitnet fixtures.
@@ -63,4 +65,42 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+/// Logits of every position of `ids`, in one forward pass from an empty cache.
+pub fn logits_all(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    let mut out = vec![0.0; ids.len() * m.config().vocab_size];
+    m.forward(
+        &mut [SeqStep {
+            tokens: ids,
+            cache: &mut cache,
+            logits: LogitsFor::All,
+        }],
+        &mut ScratchArena::new(),
+        &mut out,
+    )
+    .unwrap();
+    out
+}
+
+/// Logits of every position of `ids`, fed one token at a time through the KV cache.
+pub fn logits_incremental(m: &Model, ids: &[u32]) -> Vec<f32> {
+    let v = m.config().vocab_size;
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    let mut out = vec![0.0; ids.len() * v];
+    let mut scratch = ScratchArena::new();
+    for (i, id) in ids.iter().enumerate() {
+        m.forward(
+            &mut [SeqStep {
+                tokens: std::slice::from_ref(id),
+                cache: &mut cache,
+                logits: LogitsFor::Last,
+            }],
+            &mut scratch,
+            &mut out[i * v..(i + 1) * v],
+        )
+        .unwrap();
+    }
+    out
 }
