@@ -1,5 +1,6 @@
 //! Building a [`Model`] from a Hugging Face folder (FORMATS.md section 3).
 
+use rayon::prelude::*;
 use std::path::Path;
 
 use bitnet_core::DType;
@@ -125,6 +126,7 @@ impl Model {
         let norm = float_vector(ckpt, "model.norm.weight", h)?;
         let fmt = cfg.weight_format;
         let layers = (0..cfg.num_layers)
+            .into_par_iter()
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(Layer {

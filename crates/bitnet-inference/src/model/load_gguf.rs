@@ -5,6 +5,7 @@
 use bitnet_quant::i2s::{decode_i2s, I2sLayout};
 use bitnet_quant::tq::{decode_tq1_0, decode_tq2_0, BlockTernary, TQ_BLOCK};
 use bitnet_quant::{quantize_weights, BitLinear, BlockScales, TernaryMatrix, WeightScale};
+use rayon::prelude::*;
 
 use super::{DenseFormat, DenseMatrix, Layer, Model};
 use crate::config::{Activation, ModelConfig, WeightFormat};
@@ -337,6 +338,7 @@ impl Model {
         };
         let out_norm = norm(g, "output_norm.weight", h)?;
         let layers = (0..cfg.num_layers)
+            .into_par_iter()
             .map(|i| {
                 let n = |s: &str| format!("blk.{i}.{s}.weight");
                 Ok(Layer {
