@@ -219,12 +219,16 @@ impl DenseMatrix {
     /// plain f32 loop the compiler vectorizes.
     fn dot(&self, kernels: &Kernels, r: usize, x: &[f32]) -> f32 {
         const CHUNK: usize = 256;
-        if self.format == DenseFormat::F16 {
-            // The map keeps GGUF and safetensors data 2-byte aligned in practice; the buffered
-            // path below gives the same bits when it is not.
-            if let Ok(w) = bytemuck::try_cast_slice::<u8, f16>(self.row(r)) {
-                return (kernels.dot_f16)(w, &x[..self.cols]);
+        match self.format {
+            DenseFormat::F16 => {
+                // The map keeps GGUF and safetensors data 2-byte aligned in practice; the
+                // buffered path below gives the same bits when it is not.
+                if let Ok(w) = bytemuck::try_cast_slice::<u8, f16>(self.row(r)) {
+                    return (kernels.dot_f16)(w, &x[..self.cols]);
+                }
             }
+            DenseFormat::Q8_0 => return (kernels.dot_q8_0)(self.row(r), &x[..self.cols]),
+            DenseFormat::F32 | DenseFormat::BF16 => {}
         }
         let mut acc = [0f32; 8];
         let mut buf = [0f32; CHUNK];

@@ -54,6 +54,11 @@ pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usi
 /// every implementation gives the same bits.
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
+/// `sum_k w[k] * x[k]` for a row `w` of ggml Q8_0 blocks (f16 `d`, 32 int8 `q`; `w[k] =
+/// d * q[k]`, exact in f32), over `min(blocks * 32, x.len())` values, in the summation order of
+/// [`DotF16Fn`].
+pub type DotQ8_0Fn = fn(row: &[u8], x: &[f32]) -> f32;
+
 /// A set of kernels for one instruction set.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -65,6 +70,8 @@ pub struct Kernels {
     pub gemm: GemmFn,
     /// Dot product of an f16 row with f32 values (the output head).
     pub dot_f16: DotF16Fn,
+    /// Dot product of a Q8_0 row with f32 values (a quantized output head).
+    pub dot_q8_0: DotQ8_0Fn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -80,6 +87,7 @@ impl Kernels {
         gemv: scalar::gemv,
         gemm: scalar::gemm,
         dot_f16: scalar::dot_f16,
+        dot_q8_0: scalar::dot_q8_0,
     };
 
     /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
@@ -90,6 +98,7 @@ impl Kernels {
         gemv: x86::avx2::gemv,
         gemm: x86::avx2::gemm,
         dot_f16: x86::avx2::dot_f16,
+        dot_q8_0: x86::avx2::dot_q8_0,
     };
 
     /// The NEON set (AArch64, where NEON is always present). Its functions check for NEON on
@@ -100,6 +109,7 @@ impl Kernels {
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
         dot_f16: scalar::dot_f16,
+        dot_q8_0: scalar::dot_q8_0,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -110,6 +120,7 @@ impl Kernels {
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
         dot_f16: scalar::dot_f16,
+        dot_q8_0: scalar::dot_q8_0,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
@@ -161,6 +172,47 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn dot_q8_0_sets_match_scalar_bit_for_bit() {
+        let mut seed = 0x0fed_cba9_8765_4321u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for blocks in [0usize, 1, 2, 7, 80] {
+            let mut row = Vec::new();
+            for _ in 0..blocks {
+                row.extend_from_slice(
+                    &half::f16::from_f32((next() % 1000) as f32 * 1e-4).to_le_bytes(),
+                );
+                row.extend((0..32).map(|_| next() as u8));
+            }
+            let x: Vec<f32> = (0..blocks * 32)
+                .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
+                .collect();
+            let want = scalar::dot_q8_0(&row, &x);
+            // Hand-computed reference for the value, the kernels for the bits.
+            let exact: f64 = (0..blocks * 32)
+                .map(|k| {
+                    let b = &row[k / 32 * 34..];
+                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
+                    d * (b[2 + k % 32] as i8) as f64 * x[k] as f64
+                })
+                .sum();
+            assert!((want as f64 - exact).abs() <= 1e-3 * (1.0 + exact.abs()));
+            for k in Kernels::available() {
+                assert_eq!(
+                    (k.dot_q8_0)(&row, &x).to_bits(),
+                    want.to_bits(),
+                    "{} {blocks}",
+                    k.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn dot_f16_sets_match_scalar_bit_for_bit() {

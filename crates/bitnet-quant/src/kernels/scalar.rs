@@ -51,6 +51,18 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
+/// Reference Q8_0 x f32 dot product; see [`super::DotQ8_0Fn`].
+pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    for (b, (blk, xs)) in row.chunks_exact(34).zip(x.chunks(32)).enumerate() {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
+            acc[(b * 32 + j) % 8] += (d * (q as i8) as f32) * xv;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

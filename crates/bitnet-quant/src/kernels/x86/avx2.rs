@@ -323,3 +323,49 @@ unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
 }
+
+/// Q8_0 x f32 dot product; falls back to the scalar kernel without AVX2. Same order as
+/// [`crate::kernels::scalar::dot_q8_0`] (lane `j` is running sum `j`, no FMA).
+pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::dot_q8_0(row, x);
+    }
+    let blocks = (row.len() / 34).min(x.len() / 32);
+    // SAFETY: AVX2 was just detected; `dot_q8_0_avx2` reads `blocks` whole blocks of `row`
+    // and `blocks * 32` values of `x`, both inside their slices by the line above.
+    let (lanes, done) = unsafe { dot_q8_0_avx2(row, x, blocks) };
+    let mut acc = lanes;
+    // A partial last block (x shorter than the row): the scalar order, lane by index.
+    if let (Some(blk), Some(xs)) = (row.get(done * 34..done * 34 + 34), x.get(done * 32..)) {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
+            acc[j % 8] += (d * (q as i8) as f32) * xv;
+        }
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32], blocks: usize) -> ([f32; 8], usize) {
+    let mut acc = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let blk = &row[b * 34..b * 34 + 34];
+        let d = _mm256_set1_ps(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
+        for g in 0..4 {
+            // SAFETY: bytes 2 + 8g .. 2 + 8g + 8 lie inside the 34-byte block, and the 8 x
+            // values at b*32 + 8g lie inside `x` (b < blocks <= x.len() / 32).
+            let (q, xv) = unsafe {
+                (
+                    _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * g) as *const __m128i),
+                    _mm256_loadu_ps(x.as_ptr().add(b * 32 + 8 * g)),
+                )
+            };
+            let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(w, xv));
+        }
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: `lanes` holds exactly 8 f32.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    (lanes, blocks)
+}
