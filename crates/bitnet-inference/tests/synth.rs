@@ -1,33 +1,17 @@
 //! Synthetic models: shapes, determinism, the tokenizer, and the same model read back from
 //! every format it is written as.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Instant;
 
-use bitnet_core::ScratchArena;
 use bitnet_inference::formats::gguf_tokenizer::{gguf_tokenizer_metadata, tokenizer_from_metadata};
 use bitnet_inference::loader::{load, LoadOptions, LoadedModel};
-use bitnet_inference::model::{LogitsFor, Model, SeqStep};
 use bitnet_inference::synth::{
     synth_model, synth_tokenizer, synth_tokenizer_json, write_synth, ParamCounts, SynthOutput,
     SynthShape, SynthSpec, SYNTH_STEPS,
 };
-
-fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
-    let mut cache = m.new_cache(ids.len()).unwrap();
-    let mut out = vec![0.0; ids.len() * m.config().vocab_size];
-    m.forward(
-        &mut [SeqStep {
-            tokens: ids,
-            cache: &mut cache,
-            logits: LogitsFor::All,
-        }],
-        &mut ScratchArena::new(),
-        &mut out,
-    )
-    .unwrap();
-    out
-}
 
 fn tmp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("bitnet-synth-{}-{name}", std::process::id()))
@@ -93,7 +77,7 @@ fn assert_same_model(a: &LoadedModel, b: &LoadedModel, what: &str) {
     }
     let bos = ma.config().bos_token_id.unwrap();
     let ids = [bos, 5, 300 % v as u32, 17, 42, v as u32 - 1, 256];
-    let (la, lb) = (logits(ma, &ids), logits(mb, &ids));
+    let (la, lb) = (common::logits_all(ma, &ids), common::logits_all(mb, &ids));
     assert!(la.iter().all(|x| x.is_finite()));
     let diff = la
         .iter()
@@ -399,7 +383,7 @@ fn full_2b4t_in_memory() {
     assert_eq!(m.tokenizer.vocab_size(), 128256);
     let t = Instant::now();
     let ids = m.tokenizer.encode("The quick brown fox", true).unwrap();
-    let out = logits(&m.model, &ids);
+    let out = common::logits_all(&m.model, &ids);
     assert!(out.iter().all(|x| x.is_finite()));
     eprintln!(
         "2b4t: built in {built:.2?} ({} params, {} MB of weights per token); \
@@ -421,7 +405,7 @@ fn full_2b4t_files() {
     let spec = SynthShape::B2b4t.spec();
     let src = synth_model(&spec, 0).unwrap();
     let ids = [128000u32, 791, 4062];
-    let want = logits(&src.model, &ids);
+    let want = common::logits_all(&src.model, &ids);
     for ty in ["tq2_0", "hf-packed"] {
         let path = tmp(&format!("2b4t-{ty}"));
         remove(&path);
@@ -439,7 +423,7 @@ fn full_2b4t_files() {
         let t = Instant::now();
         let back = load(&path, &LoadOptions::default());
         let loaded = t.elapsed();
-        let got = back.map(|m| logits(&m.model, &ids));
+        let got = back.map(|m| common::logits_all(&m.model, &ids));
         remove(&path);
         assert_eq!(got.unwrap(), want, "{ty}");
         eprintln!("2b4t {ty}: {size} bytes, written in {written:.2?}, loaded in {loaded:.2?}");
