@@ -104,42 +104,37 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
     let mut cache = model.new_cache(cfg.prompt_tokens.max(cfg.gen_tokens).max(1))?;
     let prompt = bench_tokens(cfg.prompt_tokens, vocab);
     let gen = bench_tokens(cfg.gen_tokens, vocab);
-    // One untimed warm-up of each phase sizes the arena and faults the weights in.
-    let mut pp = Vec::new();
-    let mut tg = Vec::new();
-    for rep in 0..=reps {
-        if cfg.prompt_tokens > 0 {
-            cache.clear();
-            let t = Instant::now();
+    // Tokens per second feeding `tokens` from an empty cache, `step` at a time.
+    let mut rate = |tokens: &[u32], step: usize| -> Result<f64> {
+        cache.clear();
+        let t = Instant::now();
+        for chunk in tokens.chunks(step) {
             model.forward(
                 &mut [SeqStep {
-                    tokens: &prompt,
+                    tokens: chunk,
                     cache: &mut cache,
                     logits: LogitsFor::Last,
                 }],
                 &mut scratch,
                 &mut logits,
             )?;
+        }
+        Ok(tokens.len() as f64 / t.elapsed().as_secs_f64())
+    };
+    // One untimed warm-up of each phase sizes the arena and faults the weights in.
+    let mut pp = Vec::new();
+    let mut tg = Vec::new();
+    for rep in 0..=reps {
+        if cfg.prompt_tokens > 0 {
+            let r = rate(&prompt, prompt.len())?;
             if rep > 0 {
-                pp.push(cfg.prompt_tokens as f64 / t.elapsed().as_secs_f64());
+                pp.push(r);
             }
         }
         if cfg.gen_tokens > 0 {
-            cache.clear();
-            let t = Instant::now();
-            for tok in &gen {
-                model.forward(
-                    &mut [SeqStep {
-                        tokens: std::slice::from_ref(tok),
-                        cache: &mut cache,
-                        logits: LogitsFor::Last,
-                    }],
-                    &mut scratch,
-                    &mut logits,
-                )?;
-            }
+            let r = rate(&gen, 1)?;
             if rep > 0 {
-                tg.push(cfg.gen_tokens as f64 / t.elapsed().as_secs_f64());
+                tg.push(r);
             }
         }
     }

@@ -62,7 +62,7 @@ pub fn detect(path: &Path) -> Result<ModelKind> {
 
 /// Loads the model at `path` (an HF folder or a GGUF file) and its tokenizer.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
-    let loaded = match detect(path)? {
+    let mut loaded = match detect(path)? {
         ModelKind::HfFolder => LoadedModel {
             model: Model::from_hf_folder(path)?,
             tokenizer: Tokenizer::from_file(&path.join("tokenizer.json"))?,
@@ -80,7 +80,6 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         }
     };
     check_vocab(&loaded.model, &loaded.tokenizer, path)?;
-    let mut loaded = loaded;
     if let Some(f) = opts.head {
         loaded.model.set_head_format(f)?;
     }

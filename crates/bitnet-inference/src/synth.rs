@@ -39,7 +39,7 @@ use serde_json::{json, Map, Value};
 
 use crate::config::{Activation, ModelConfig, WeightFormat};
 use crate::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
-use crate::formats::gguf_tokenizer::LLAMA3_SPLIT_REGEX;
+use crate::formats::gguf_tokenizer::{added_token_json, llama3_bpe_tokenizer_json};
 use crate::loader::LoadedModel;
 use crate::model::{DenseFormat, DenseMatrix, Layer, Model};
 use crate::tokenizer::Tokenizer;
@@ -971,102 +971,14 @@ pub fn synth_tokenizer_json(spec: &SynthSpec) -> Result<Value> {
     specials.sort();
     let added_tokens: Vec<Value> = specials
         .iter()
-        .map(|(id, content)| {
-            json!({
-                "id": id,
-                "content": content,
-                "single_word": false,
-                "lstrip": false,
-                "rstrip": false,
-                "normalized": false,
-                "special": true
-            })
-        })
+        .map(|(id, content)| added_token_json(*id, content, true))
         .collect();
     let bos = spec
         .config
         .bos_token_id
         .and_then(|b| special.get(&b).map(|s| (b, *s)));
-    let post_processor = match bos {
-        Some((id, content)) => {
-            let bos = json!({ "SpecialToken": { "id": content, "type_id": 0 } });
-            let bos1 = json!({ "SpecialToken": { "id": content, "type_id": 1 } });
-            json!({
-                "type": "Sequence",
-                "processors": [
-                    {
-                        "type": "ByteLevel",
-                        "add_prefix_space": true,
-                        "trim_offsets": false,
-                        "use_regex": true
-                    },
-                    {
-                        "type": "TemplateProcessing",
-                        "single": [bos, { "Sequence": { "id": "A", "type_id": 0 } }],
-                        "pair": [
-                            bos,
-                            { "Sequence": { "id": "A", "type_id": 0 } },
-                            bos1,
-                            { "Sequence": { "id": "B", "type_id": 1 } }
-                        ],
-                        "special_tokens": {
-                            content: { "id": content, "ids": [id], "tokens": [content] }
-                        }
-                    }
-                ]
-            })
-        }
-        None => json!({
-            "type": "ByteLevel",
-            "add_prefix_space": true,
-            "trim_offsets": false,
-            "use_regex": true
-        }),
-    };
     let merges: Vec<Value> = merges.into_iter().map(|(l, r)| json!([l, r])).collect();
-    Ok(json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": added_tokens,
-        "normalizer": null,
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": { "Regex": LLAMA3_SPLIT_REGEX },
-                    "behavior": "Isolated",
-                    "invert": false
-                },
-                {
-                    "type": "ByteLevel",
-                    "add_prefix_space": false,
-                    "trim_offsets": true,
-                    "use_regex": false
-                }
-            ]
-        },
-        "post_processor": post_processor,
-        "decoder": {
-            "type": "ByteLevel",
-            "add_prefix_space": true,
-            "trim_offsets": true,
-            "use_regex": true
-        },
-        "model": {
-            "type": "BPE",
-            "dropout": null,
-            "unk_token": null,
-            "continuing_subword_prefix": null,
-            "end_of_word_suffix": null,
-            "fuse_unk": false,
-            "byte_fallback": false,
-            "ignore_merges": true,
-            "vocab": vocab,
-            "merges": merges
-        }
-    }))
+    Ok(llama3_bpe_tokenizer_json(vocab, merges, added_tokens, bos))
 }
 
 /// The tokenizer of [`synth_tokenizer_json`], loaded.

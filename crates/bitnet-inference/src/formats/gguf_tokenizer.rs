@@ -367,15 +367,7 @@ fn build_tokenizer<'a>(
             TokenType::UserDefined => false,
             _ => continue,
         };
-        added_tokens.push(json!({
-            "id": id,
-            "content": token,
-            "single_word": false,
-            "lstrip": false,
-            "rstrip": false,
-            "normalized": false,
-            "special": special
-        }));
+        added_tokens.push(added_token_json(id, token, special));
     }
 
     let with_token = |id: Option<u32>| {
@@ -386,7 +378,38 @@ fn build_tokenizer<'a>(
         with_token(eos.filter(|_| add_eos)),
     );
 
-    let tokenizer_json = json!({
+    let tokenizer_json = bpe_tokenizer_json(pre, vocab, merges_json, added_tokens, post_processor);
+    let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer_json)
+        .map_err(|e| format!("the tokenizer library rejected the vocabulary: {e}"))?;
+    Ok(Tokenizer::from_tokenizers(inner))
+}
+
+/// The `post_processor` section: byte-level offsets, then a template adding BOS and/or EOS.
+///
+/// This is the structure of Llama 3's `tokenizer.json`; the template for pairs repeats BOS
+/// before the second sequence as theirs does.
+/// An `added_tokens` entry: matched whole in text, never normalised or stripped.
+pub(crate) fn added_token_json(id: u32, content: &str, special: bool) -> Value {
+    json!({
+        "id": id,
+        "content": content,
+        "single_word": false,
+        "lstrip": false,
+        "rstrip": false,
+        "normalized": false,
+        "special": special
+    })
+}
+
+/// A byte-level BPE `tokenizer.json` (no normaliser, byte-level decoder) around its parts.
+fn bpe_tokenizer_json(
+    pre: PreTokenizer,
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+    added_tokens: Vec<Value>,
+    post_processor: Value,
+) -> Value {
+    json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -410,18 +433,28 @@ fn build_tokenizer<'a>(
             "byte_fallback": false,
             "ignore_merges": pre.ignore_merges(),
             "vocab": vocab,
-            "merges": merges_json
+            "merges": merges
         }
-    });
-    let inner: tokenizers::Tokenizer = serde_json::from_value(tokenizer_json)
-        .map_err(|e| format!("the tokenizer library rejected the vocabulary: {e}"))?;
-    Ok(Tokenizer::from_tokenizers(inner))
+    })
 }
 
-/// The `post_processor` section: byte-level offsets, then a template adding BOS and/or EOS.
-///
-/// This is the structure of Llama 3's `tokenizer.json`; the template for pairs repeats BOS
-/// before the second sequence as theirs does.
+/// A Llama-3-style byte-level BPE `tokenizer.json` (the form GGUF can describe) whose
+/// post-processor puts `bos` first, for tokenizers built elsewhere in the crate.
+pub(crate) fn llama3_bpe_tokenizer_json(
+    vocab: Map<String, Value>,
+    merges: Vec<Value>,
+    added_tokens: Vec<Value>,
+    bos: Option<(u32, &str)>,
+) -> Value {
+    bpe_tokenizer_json(
+        PreTokenizer::Llama3,
+        vocab,
+        merges,
+        added_tokens,
+        post_processor_json(bos, None),
+    )
+}
+
 fn post_processor_json(bos: Option<(u32, &str)>, eos: Option<(u32, &str)>) -> Value {
     // One sequence with its BOS and EOS around it, each part tagged with the sequence's type.
     let around = |seq: &str, type_id: u32| -> Vec<Value> {

@@ -109,32 +109,8 @@ pub struct DenseMatrix {
 /// Rows per parallel task of the head: large enough to amortise scheduling.
 const HEAD_ROWS_PER_TASK: usize = 256;
 
-/// Calls `f(k, value)` for each value of a stored row, decoding it exactly to f32.
-#[inline]
-fn for_each_value(format: DenseFormat, b: &[u8], mut f: impl FnMut(usize, f32)) {
-    match format {
-        DenseFormat::F32 => b
-            .chunks_exact(4)
-            .enumerate()
-            .for_each(|(k, c)| f(k, f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        DenseFormat::F16 => b
-            .chunks_exact(2)
-            .enumerate()
-            .for_each(|(k, c)| f(k, f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DenseFormat::BF16 => b
-            .chunks_exact(2)
-            .enumerate()
-            .for_each(|(k, c)| f(k, bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        DenseFormat::Q8_0 => {
-            for (i, blk) in b.chunks_exact(Q8_0_BYTES).enumerate() {
-                let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                for (j, &q) in blk[2..].iter().enumerate() {
-                    f(i * Q8_0_BLOCK + j, d * (q as i8) as f32);
-                }
-            }
-        }
-    }
-}
+/// Values decoded per step: a stack buffer's worth, a multiple of the Q8_0 block.
+const DECODE_CHUNK: usize = 256;
 
 impl DenseMatrix {
     /// Wraps `data` holding `rows` rows of `cols` values in `format`.
@@ -210,7 +186,10 @@ impl DenseMatrix {
 
     /// Writes row `r` as f32 into `out`.
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        for_each_value(self.format, self.row(r), |k, v| out[k] = v);
+        let row = self.row(r);
+        for (i, chunk) in out[..self.cols].chunks_mut(DECODE_CHUNK).enumerate() {
+            self.decode_span(row, i * DECODE_CHUNK, chunk);
+        }
     }
 
     /// `sum_k row_r[k] * x[k]` in f32 with eight running sums (sum `j` takes the values
@@ -218,7 +197,6 @@ impl DenseMatrix {
     /// threads. The row is decoded in chunks into a stack buffer so the multiply-add loop is a
     /// plain f32 loop the compiler vectorizes.
     fn dot(&self, kernels: &Kernels, r: usize, x: &[f32]) -> f32 {
-        const CHUNK: usize = 256;
         match self.format {
             DenseFormat::F16 => {
                 // The map keeps GGUF and safetensors data 2-byte aligned in practice; the
@@ -231,11 +209,11 @@ impl DenseMatrix {
             DenseFormat::F32 | DenseFormat::BF16 => {}
         }
         let mut acc = [0f32; 8];
-        let mut buf = [0f32; CHUNK];
+        let mut buf = [0f32; DECODE_CHUNK];
         let row = self.row(r);
         let mut k0 = 0;
         while k0 < self.cols {
-            let n = CHUNK.min(self.cols - k0);
+            let n = DECODE_CHUNK.min(self.cols - k0);
             self.decode_span(row, k0, &mut buf[..n]);
             let (w, xs) = (&buf[..n], &x[k0..k0 + n]);
             let mut wc = w.chunks_exact(8);
@@ -268,7 +246,7 @@ impl DenseMatrix {
             }
             DenseFormat::F16 => {
                 use half::slice::HalfFloatSliceExt;
-                let mut h = [f16::ZERO; 256];
+                let mut h = [f16::ZERO; DECODE_CHUNK];
                 for (d, c) in h.iter_mut().zip(row[k0 * 2..(k0 + n) * 2].chunks_exact(2)) {
                     *d = f16::from_le_bytes([c[0], c[1]]);
                 }

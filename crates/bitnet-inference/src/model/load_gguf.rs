@@ -164,8 +164,9 @@ fn tensor<'a>(
     Ok(t)
 }
 
-fn float_values(g: &GgufFile, t: &GgufTensorInfo) -> Result<Vec<f32>> {
-    let format = match t.ggml_type {
+/// The dense format of a full-precision tensor, or an error naming it.
+fn dense_format(t: &GgufTensorInfo) -> Result<DenseFormat> {
+    Ok(match t.ggml_type {
         GgmlType::F32 => DenseFormat::F32,
         GgmlType::F16 => DenseFormat::F16,
         GgmlType::BF16 => DenseFormat::BF16,
@@ -177,7 +178,11 @@ fn float_values(g: &GgufFile, t: &GgufTensorInfo) -> Result<Vec<f32>> {
                 found: other.name().to_string(),
             })
         }
-    };
+    })
+}
+
+fn float_values(g: &GgufFile, t: &GgufTensorInfo) -> Result<Vec<f32>> {
+    let format = dense_format(t)?;
     let n = t.n_elements() as usize;
     let m = DenseMatrix::new(&t.name, format, 1, n, g.tensor_storage(t)?)?;
     let mut out = vec![0f32; n];
@@ -191,19 +196,7 @@ fn norm(g: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
 
 fn dense(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseMatrix> {
     let t = tensor(g, name, cols, Some(rows))?;
-    let format = match t.ggml_type {
-        GgmlType::F32 => DenseFormat::F32,
-        GgmlType::F16 => DenseFormat::F16,
-        GgmlType::BF16 => DenseFormat::BF16,
-        GgmlType::Q8_0 => DenseFormat::Q8_0,
-        other => {
-            return Err(Error::TensorDType {
-                name: name.into(),
-                expected: "F32, F16, BF16 or Q8_0".into(),
-                found: other.name().to_string(),
-            })
-        }
-    };
+    let format = dense_format(t)?;
     DenseMatrix::new(name, format, rows, cols, g.tensor_storage(t)?)
 }
 
