@@ -20,8 +20,9 @@ use crate::ThreadArgs;
 /// Which model to load and how.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A Hugging Face model folder or a GGUF file.
-    #[arg(long)]
+    /// A Hugging Face model folder or a GGUF file; `builtin` (the default) is the small model
+    /// this project trained on Shakespeare and the King James Bible, built into the binary.
+    #[arg(long, default_value = bitnet_inference::builtin::BUILTIN_NAME)]
     model: PathBuf,
     /// GGUF only: the FFN activation (relu2 or silu), overriding the file's
     /// `<arch>.hidden_activation` (default relu2).
@@ -55,10 +56,20 @@ impl ModelArgs {
         })
     }
 
+    /// `--model builtin` (or none) names the built-in model; `./builtin` names a path.
+    fn is_builtin(&self) -> bool {
+        self.model.as_os_str() == bitnet_inference::builtin::BUILTIN_NAME
+    }
+
     fn load(&self) -> Result<(LoadedModel, f64)> {
         let t = Instant::now();
-        let m = loader::load(&self.model, &self.options()?)
-            .with_context(|| format!("loading {}", self.model.display()))?;
+        let opts = self.options()?;
+        let m = if self.is_builtin() {
+            bitnet_inference::builtin::load_builtin(&opts).context("loading the built-in model")?
+        } else {
+            loader::load(&self.model, &opts)
+                .with_context(|| format!("loading {}", self.model.display()))?
+        };
         Ok((m, t.elapsed().as_secs_f64()))
     }
 }
@@ -263,6 +274,9 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
 
 /// `bitnet inspect`.
 pub fn inspect(path: &Path) -> Result<()> {
+    if path.as_os_str() == bitnet_inference::builtin::BUILTIN_NAME {
+        return inspect_gguf(path);
+    }
     match loader::detect(path)? {
         ModelKind::HfFolder => inspect_hf(path),
         ModelKind::Gguf => inspect_gguf(path),
@@ -328,7 +342,14 @@ fn inspect_hf(dir: &Path) -> Result<()> {
 
 fn inspect_gguf(path: &Path) -> Result<()> {
     use bitnet_inference::formats::gguf::GgufFile;
-    let g = GgufFile::open(path)?;
+    let g = if path.as_os_str() == bitnet_inference::builtin::BUILTIN_NAME {
+        GgufFile::parse(bitnet_core::MappedFile::from_static(
+            "<built-in model>",
+            bitnet_inference::builtin::builtin_bytes(),
+        ))?
+    } else {
+        GgufFile::open(path)?
+    };
     let stdout = std::io::stdout();
     let mut o = stdout.lock();
     writeln!(

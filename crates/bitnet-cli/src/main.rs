@@ -1,6 +1,7 @@
 //! `bitnet`: run BitNet b1.58 models from the command line.
 
 mod commands;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,9 +38,11 @@ enum Command {
     Bench(commands::BenchArgs),
     /// Write a model as GGUF (TQ1_0, TQ2_0, I2_S or F16 linears).
     Convert(commands::ConvertArgs),
+    /// Train a BitNet b1.58 model (or its full-precision twin) on text files.
+    Train(train::TrainArgs),
     /// Show a model's configuration and tensors.
     Inspect {
-        /// A Hugging Face model folder or a GGUF file.
+        /// A Hugging Face model folder, a GGUF file, or `builtin`.
         path: PathBuf,
     },
 }
@@ -70,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => commands::perplexity(a),
         Command::Convert(a) => commands::convert(a),
         Command::Bench(a) => commands::bench(a),
+        Command::Train(a) => train::run(a),
         Command::Synth(a) => commands::synth(a),
         Command::Inspect { path } => commands::inspect(&path),
     }

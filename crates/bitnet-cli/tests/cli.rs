@@ -440,3 +440,39 @@ fn bench_reports_rates_as_json() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["pp_tokens_per_s"].is_null() && v["tg_tokens_per_s"].as_f64().is_some());
 }
+
+/// Without `--model`, `generate` runs the built-in model (no file needed), deterministically
+/// for a seed, and its text is words, not the random fixture's noise.
+#[test]
+fn generate_defaults_to_the_builtin_model() {
+    let args = [
+        "generate",
+        "--prompt",
+        "KING HENRY:",
+        "--max-tokens",
+        "24",
+        "--temperature",
+        "0",
+        "--threads",
+        "1",
+    ];
+    let a = bitnet(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    assert!(stderr(&a).contains("builtin"), "{}", stderr(&a));
+    let text = String::from_utf8(a.stdout.clone()).unwrap();
+    let letters = text.chars().filter(|c| c.is_ascii_alphabetic()).count();
+    assert!(
+        letters * 2 > text.len(),
+        "mostly letters expected: {text:?}"
+    );
+    assert_eq!(
+        bitnet(&args).stdout,
+        a.stdout,
+        "greedy output is deterministic"
+    );
+
+    let i = bitnet(&["inspect", "builtin"]);
+    assert!(i.status.success(), "{}", stderr(&i));
+    let out = String::from_utf8_lossy(&i.stdout);
+    assert!(out.contains("I2_S"), "{out}");
+}

@@ -67,7 +67,24 @@ impl std::fmt::Debug for AlignedBuffer {
 /// multi-gigabyte model costs no copy and pages come in lazily.
 pub struct MappedFile {
     path: PathBuf,
-    map: memmap2::Mmap,
+    map: Backing,
+}
+
+/// The bytes behind a [`MappedFile`]: a real map, or bytes built into the program (the
+/// built-in model), which need no file at all.
+enum Backing {
+    Map(memmap2::Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Backing {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Backing::Map(m) => m,
+            Backing::Static(b) => b,
+        }
+    }
 }
 
 impl MappedFile {
@@ -80,7 +97,20 @@ impl MappedFile {
         // the same one every mmap-based model loader accepts (llama.cpp, safetensors); model
         // files are not rewritten in place by the tools that produce them.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        Ok(Arc::new(MappedFile { path, map }))
+        Ok(Arc::new(MappedFile {
+            path,
+            map: Backing::Map(map),
+        }))
+    }
+
+    /// Serves `bytes` compiled into the program as if they were a mapped file named `name`
+    /// (errors name it). Tensors borrowed from it need the same alignment a page-aligned map
+    /// gives, so callers embed the bytes in an aligned static.
+    pub fn from_static(name: impl Into<PathBuf>, bytes: &'static [u8]) -> Arc<Self> {
+        Arc::new(MappedFile {
+            path: name.into(),
+            map: Backing::Static(bytes),
+        })
     }
 
     /// The file's path.

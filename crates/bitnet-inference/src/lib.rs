@@ -6,6 +6,7 @@
 //! [`tokenizer`] turns them into text.
 
 pub mod bench;
+pub mod builtin;
 pub mod config;
 pub mod convert;
 pub mod formats;

@@ -69,17 +69,25 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
             chat_template: hf_chat_template(path)?,
             source: path.to_path_buf(),
         },
-        ModelKind::Gguf => {
-            let gguf = GgufFile::open(path)?;
-            LoadedModel {
-                model: Model::from_gguf(&gguf, &opts.gguf)?,
-                tokenizer: tokenizer_from_gguf(&gguf)?,
-                chat_template: chat_template(&gguf),
-                source: path.to_path_buf(),
-            }
-        }
+        ModelKind::Gguf => return load_gguf(GgufFile::open(path)?, opts),
     };
     check_vocab(&loaded.model, &loaded.tokenizer, path)?;
+    if let Some(f) = opts.head {
+        loaded.model.set_head_format(f)?;
+    }
+    Ok(loaded)
+}
+
+/// Loads a parsed GGUF file (from disk or built into the program) and its tokenizer.
+pub fn load_gguf(gguf: GgufFile, opts: &LoadOptions) -> Result<LoadedModel> {
+    let path = gguf.path().to_path_buf();
+    let mut loaded = LoadedModel {
+        model: Model::from_gguf(&gguf, &opts.gguf)?,
+        tokenizer: tokenizer_from_gguf(&gguf)?,
+        chat_template: chat_template(&gguf),
+        source: path.clone(),
+    };
+    check_vocab(&loaded.model, &loaded.tokenizer, &path)?;
     if let Some(f) = opts.head {
         loaded.model.set_head_format(f)?;
     }

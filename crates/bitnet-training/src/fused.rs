@@ -1,0 +1,680 @@
+//! Fused CPU operations for the hot elementwise work of training, each equal (bit for bit in
+//! the forward pass) to its composition of candle primitives, which other devices use.
+//!
+//! candle runs every primitive as its own pass over memory with a fresh buffer; on a small
+//! model these passes, not the matrix products, dominate a training step.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+
+use crate::Result;
+
+/// Per-token int8 fake-quantization (see [`crate::bitlinear::quantize_activations`]) with the
+/// straight-through gradient, in one pass.
+struct ActQuantSte;
+
+impl CustomOp1 for ActQuantSte {
+    fn name(&self) -> &'static str {
+        "bitnet-act-quant-ste"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "activation quantization")?;
+        let n = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut out = vec![0f32; x.len()];
+        for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+            let amax = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
+            let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
+            for (oi, &xi) in o.iter_mut().zip(row) {
+                *oi = (xi * s).round_ties_even().clamp(-128.0, 127.0) / s;
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.clone()))
+    }
+}
+
+/// `q(x)` in the forward pass, identity gradient: the fused form of
+/// `x + (quantize_activations(x) - x).detach()`.
+pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op1(ActQuantSte)?)
+}
+
+/// Softmax over the last dimension of `scale * scores` with a causal mask (query `i` sees keys
+/// `0..=i`, the last two dimensions being queries and keys), fused; its gradient is
+/// `y * (g - sum(g * y))`.
+struct CausalSoftmax {
+    scale: f32,
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "bitnet-causal-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "causal softmax")?;
+        let dims = l.dims();
+        if dims.len() < 2 || dims[dims.len() - 2] > dims[dims.len() - 1] {
+            candle_core::bail!("causal softmax wants [.., queries, keys] with keys >= queries");
+        }
+        let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        let mut out = vec![0f32; x.len()];
+        for (i, (row, o)) in x.chunks_exact(tk).zip(out.chunks_exact_mut(tk)).enumerate() {
+            // Query i of a [tq, tk] block sees the first tk - tq + i + 1 keys.
+            let q = i % tq;
+            let visible = (tk - tq + q + 1).min(tk);
+            let m = row[..visible]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
+            let mut sum = 0f32;
+            for (oi, &v) in o[..visible].iter_mut().zip(&row[..visible]) {
+                let e = (v * self.scale - m).exp();
+                *oi = e;
+                sum += e;
+            }
+            let inv = 1.0 / sum;
+            for oi in &mut o[..visible] {
+                *oi *= inv;
+            }
+        }
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dot = grad.mul(res)?.sum_keepdim(D::Minus1)?;
+        let g = grad.broadcast_sub(&dot)?.mul(res)?;
+        Ok(Some(g.affine(self.scale as f64, 0.0)?))
+    }
+}
+
+/// Causal softmax of `scale * scores` over the last dimension (`[.., tq, tk]`, `tk >= tq`).
+pub fn causal_softmax(scores: &Tensor, scale: f32) -> Result<Tensor> {
+    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale })?)
+}
+
+/// Rows per parallel task: fixed, so that reductions over rows (the norm-gain gradient) add
+/// the same partial sums in the same order whatever the thread count.
+const ROWS_PER_TASK: usize = 64;
+
+/// Contiguous f32 data of a CPU tensor argument.
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("{what} wants f32");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} wants contiguous tensors");
+    };
+    Ok(&data[a..b])
+}
+
+/// `1 / sqrt(mean(x^2) + eps)` of one row.
+#[inline]
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ss: f32 = row.iter().map(|v| v * v).sum();
+    1.0 / (ss / row.len() as f32 + eps).sqrt()
+}
+
+/// RMSNorm `y = x * inv_rms(x) * w` over the last dimension, optionally followed by the
+/// per-token int8 fake-quantization of a BitLinear input (straight-through: the gradient is
+/// RMSNorm's).
+struct RmsNorm {
+    eps: f32,
+    quantize: bool,
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "bitnet-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(xs, xl, "rms norm")?;
+        let w = f32_slice(ws, wl, "rms norm")?;
+        let n = w.len();
+        if xl.dims().last() != Some(&n) {
+            candle_core::bail!("rms norm: gain of {n} for rows of {:?}", xl.dims());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(x.par_chunks(n * ROWS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, row) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                    let r = inv_rms(row, self.eps);
+                    for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
+                        *oi = xi * r * wi;
+                    }
+                    if self.quantize {
+                        quantize_row(o);
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradX { eps: self.eps })?;
+        let dw = x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// In-place `round(v * s) / s` with `s = 127 / max|v|` (the activation quantizer of one row).
+#[inline]
+fn quantize_row(o: &mut [f32]) {
+    let amax = o.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
+    for v in o {
+        *v = (*v * s).round_ties_even().clamp(-128.0, 127.0) / s;
+    }
+}
+
+/// `dx = r * (g * w) - x * r^3 * mean(g * w * x)` per row.
+struct RmsNormGradX {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for RmsNormGradX {
+    fn name(&self) -> &'static str {
+        "bitnet-rms-norm-grad-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(xs, xl, "rms norm grad")?;
+        let w = f32_slice(ws, wl, "rms norm grad")?;
+        let g = f32_slice(gs, gl, "rms norm grad")?;
+        let n = w.len();
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(n * ROWS_PER_TASK)
+            .zip(
+                x.par_chunks(n * ROWS_PER_TASK)
+                    .zip(g.par_chunks(n * ROWS_PER_TASK)),
+            )
+            .for_each(|(o, (x, g))| {
+                for ((o, row), gr) in o
+                    .chunks_exact_mut(n)
+                    .zip(x.chunks_exact(n))
+                    .zip(g.chunks_exact(n))
+                {
+                    let r = inv_rms(row, self.eps);
+                    let dot: f32 = gr.iter().zip(w).zip(row).map(|((g, w), x)| g * w * x).sum();
+                    let c = r * r * r * dot / n as f32;
+                    for (((oi, &gi), &wi), &xi) in o.iter_mut().zip(gr).zip(w).zip(row) {
+                        *oi = r * gi * wi - xi * c;
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// `dw = sum over rows of g * x * r`.
+struct RmsNormGradW {
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for RmsNormGradW {
+    fn name(&self) -> &'static str {
+        "bitnet-rms-norm-grad-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let x = f32_slice(xs, xl, "rms norm grad")?;
+        let g = f32_slice(gs, gl, "rms norm grad")?;
+        let n = *xl.dims().last().unwrap_or(&1);
+        let partials: Vec<Vec<f32>> = x
+            .par_chunks(n * ROWS_PER_TASK)
+            .zip(g.par_chunks(n * ROWS_PER_TASK))
+            .map(|(x, g)| {
+                let mut acc = vec![0f32; n];
+                for (row, gr) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
+                    let r = inv_rms(row, self.eps);
+                    for ((a, &xi), &gi) in acc.iter_mut().zip(row).zip(gr) {
+                        *a += gi * xi * r;
+                    }
+                }
+                acc
+            })
+            .collect();
+        let mut dw = vec![0f32; n];
+        for p in &partials {
+            for (d, v) in dw.iter_mut().zip(p) {
+                *d += v;
+            }
+        }
+        Ok((CpuStorage::F32(dw), Shape::from(n)))
+    }
+}
+
+/// RMSNorm over the last dimension with gain `w`, fused; with `quantize`, the result is also
+/// fake-quantized to int8 per token (straight-through), as a BitLinear input.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, quantize: bool) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps, quantize })?)
+}
+
+/// Mean cross-entropy of rows of logits `[n, vocab]` against target ids `[n]`, fused: one pass
+/// per row, no `[n, vocab]` intermediates; its gradient is `(softmax - onehot) / n`.
+struct CrossEntropy;
+
+/// Per-row `(logsumexp, max)` of logits.
+#[inline]
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let s: f32 = row.iter().map(|&v| (v - m).exp()).sum();
+    m + s.ln()
+}
+
+fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
+    let CpuStorage::U32(data) = s else {
+        candle_core::bail!("cross-entropy wants u32 targets");
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("cross-entropy wants contiguous targets");
+    };
+    Ok(&data[a..b])
+}
+
+impl candle_core::CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "bitnet-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let logits = f32_slice(ls, ll, "cross-entropy")?;
+        let targets = u32_slice(ts, tl)?;
+        let (n, v) = ll.shape().dims2()?;
+        if targets.len() != n {
+            candle_core::bail!("cross-entropy: {n} rows but {} targets", targets.len());
+        }
+        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
+        }
+        let partial: Vec<f32> = logits
+            .par_chunks(v * ROWS_PER_TASK)
+            .zip(targets.par_chunks(ROWS_PER_TASK))
+            .map(|(rows, t)| {
+                rows.chunks_exact(v)
+                    .zip(t)
+                    .map(|(row, &t)| row_lse(row) - row[t as usize])
+                    .sum::<f32>()
+            })
+            .collect();
+        let total: f32 = partial.iter().sum();
+        Ok((CpuStorage::F32(vec![total / n as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let d = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale: g })?;
+        Ok((Some(d), None))
+    }
+}
+
+/// `scale * (softmax(row) - onehot(target)) / n` for every row.
+struct CrossEntropyGrad {
+    scale: f32,
+}
+
+impl candle_core::CustomOp2 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "bitnet-cross-entropy-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ls: &CpuStorage,
+        ll: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let logits = f32_slice(ls, ll, "cross-entropy grad")?;
+        let targets = u32_slice(ts, tl)?;
+        let (n, v) = ll.shape().dims2()?;
+        let k = self.scale / n as f32;
+        let mut out = vec![0f32; logits.len()];
+        out.par_chunks_mut(v * ROWS_PER_TASK)
+            .zip(
+                logits
+                    .par_chunks(v * ROWS_PER_TASK)
+                    .zip(targets.par_chunks(ROWS_PER_TASK)),
+            )
+            .for_each(|(o, (rows, t))| {
+                for ((o, row), &t) in o.chunks_exact_mut(v).zip(rows.chunks_exact(v)).zip(t) {
+                    let lse = row_lse(row);
+                    for (oi, &x) in o.iter_mut().zip(row) {
+                        *oi = (x - lse).exp() * k;
+                    }
+                    o[t as usize] -= k;
+                }
+            });
+        Ok((CpuStorage::F32(out), ll.shape().clone()))
+    }
+}
+
+/// Mean cross-entropy of `logits [n, vocab]` (f32) against `targets [n]` (u32).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    Ok(logits
+        .contiguous()?
+        .apply_op2(&targets.contiguous()?, CrossEntropy)?)
+}
+
+/// `relu(g)^2 * u`, the b1.58 feed-forward gate, fused; gradients `2 relu(g) u` and `relu(g)^2`.
+struct Relu2Gate;
+
+impl candle_core::CustomOp2 for Relu2Gate {
+    fn name(&self) -> &'static str {
+        "bitnet-relu2-gate"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = f32_slice(gs, gl, "relu2 gate")?;
+        let u = f32_slice(us, ul, "relu2 gate")?;
+        if g.len() != u.len() {
+            candle_core::bail!("relu2 gate: {} gates for {} values", g.len(), u.len());
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 16)
+            .zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16)))
+            .for_each(|(o, (g, u))| {
+                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                    let r = g.max(0.0);
+                    *o = r * r * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dg = g.apply_op3_no_bwd(u, &grad, &Relu2GateGrad { wrt_gate: true })?;
+        let du = g.apply_op3_no_bwd(u, &grad, &Relu2GateGrad { wrt_gate: false })?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+/// One of the two gradients of [`Relu2Gate`].
+struct Relu2GateGrad {
+    wrt_gate: bool,
+}
+
+impl candle_core::CustomOp3 for Relu2GateGrad {
+    fn name(&self) -> &'static str {
+        "bitnet-relu2-gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let g = f32_slice(gs, gl, "relu2 gate grad")?;
+        let u = f32_slice(us, ul, "relu2 gate grad")?;
+        let d = f32_slice(ds, dl, "relu2 gate grad")?;
+        let mut out = vec![0f32; g.len()];
+        let c = 1 << 16;
+        out.par_chunks_mut(c)
+            .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))
+            .for_each(|(o, (g, (u, d)))| {
+                for (((o, &g), &u), &d) in o.iter_mut().zip(g).zip(u).zip(d) {
+                    let r = g.max(0.0);
+                    *o = if self.wrt_gate {
+                        2.0 * r * u * d
+                    } else {
+                        r * r * d
+                    };
+                }
+            });
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `relu(g)^2 * u`.
+pub fn relu2_gate(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    Ok(g.contiguous()?.apply_op2(&u.contiguous()?, Relu2Gate)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Gradients of `sum(y * w)`: a loss whose gradient with respect to `y` is `w`.
+    fn weighted_grads(y: &Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
+        y.mul(w).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
+    /// `max |a - b|`.
+    fn diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = a.sub(b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap()
+    }
+
+    fn randn(n: usize, seed: u64, scale: f64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n).map(|_| (r.normal() * scale) as f32).collect()
+    }
+
+    #[test]
+    fn fused_activation_quant_equals_the_composition() {
+        let x = Tensor::from_vec(randn(5 * 33, 1, 2.0), (5, 33), &Device::Cpu).unwrap();
+        let a = act_quant_ste(&x).unwrap().to_vec2::<f32>().unwrap();
+        let b = crate::bitlinear::quantize_activations(&x)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(a, b);
+        // Identity gradient.
+        let v = Var::from_tensor(&x).unwrap();
+        let w = Tensor::from_vec(randn(5 * 33, 2, 1.0), (5, 33), &Device::Cpu).unwrap();
+        let g = weighted_grads(&act_quant_ste(v.as_tensor()).unwrap(), &w);
+        assert_eq!(
+            g.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+            w.to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn fused_causal_softmax_matches_the_composition_and_its_gradient() {
+        let (b, h, t) = (2, 3, 7);
+        let scale = 0.35f32;
+        let data = randn(b * h * t * t, 3, 1.5);
+        let v =
+            Var::from_tensor(&Tensor::from_vec(data, (b, h, t, t), &Device::Cpu).unwrap()).unwrap();
+        let mask: Vec<f32> = (0..t)
+            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let reference = candle_nn::ops::softmax(
+            &v.as_tensor()
+                .affine(scale as f64, 0.0)
+                .unwrap()
+                .broadcast_add(&mask)
+                .unwrap(),
+            D::Minus1,
+        )
+        .unwrap();
+        let fused = causal_softmax(v.as_tensor(), scale).unwrap();
+        assert!(diff(&fused, &reference) < 1e-6);
+        let w = Tensor::from_vec(randn(b * h * t * t, 4, 1.0), (b, h, t, t), &Device::Cpu).unwrap();
+        let ga = weighted_grads(&fused, &w);
+        let gb = weighted_grads(&reference, &w);
+        let (ga, gb) = (
+            ga.get(v.as_tensor()).unwrap(),
+            gb.get(v.as_tensor()).unwrap(),
+        );
+        assert!(diff(ga, gb) < 1e-6, "{}", diff(ga, gb));
+    }
+
+    #[test]
+    fn fused_rms_norm_matches_the_composition_with_gradients() {
+        let (rows, n) = (130, 48); // more rows than one task, odd count
+        let x = Var::from_tensor(
+            &Tensor::from_vec(randn(rows * n, 5, 1.3), (rows, n), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(&Tensor::from_vec(randn(n, 6, 1.0), n, &Device::Cpu).unwrap())
+            .unwrap();
+        let up = Tensor::from_vec(randn(rows * n, 7, 1.0), (rows, n), &Device::Cpu).unwrap();
+        let eps = 1e-5;
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps, false).unwrap();
+        let reference = crate::model::rms_norm(x.as_tensor(), &w, eps).unwrap();
+        assert!(diff(&fused, &reference) <= 1e-6);
+        let ga = weighted_grads(&fused, &up);
+        let gb = weighted_grads(&reference, &up);
+        for v in [&x, &w] {
+            let (a, b) = (
+                ga.get(v.as_tensor()).unwrap(),
+                gb.get(v.as_tensor()).unwrap(),
+            );
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff(a, b) <= 1e-5 * scale.max(1.0),
+                "{} of {scale}",
+                diff(a, b)
+            );
+        }
+        // The quantized form is the activation quantizer applied to the fused norm, and its
+        // gradient is the norm's (straight-through).
+        let q = rms_norm(x.as_tensor(), w.as_tensor(), eps, true).unwrap();
+        let want = crate::bitlinear::quantize_activations(&fused).unwrap();
+        assert_eq!(q.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
+        let gq = weighted_grads(&q, &up);
+        assert_eq!(
+            gq.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+            ga.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn fused_cross_entropy_and_gate_match_the_composition() {
+        let (n, v) = (70, 37);
+        let logits = Var::from_tensor(
+            &Tensor::from_vec(randn(n * v, 8, 3.0), (n, v), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 7) % v as u32).collect();
+        let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+        let a = cross_entropy(logits.as_tensor(), &t).unwrap();
+        let b = candle_nn::loss::cross_entropy(logits.as_tensor(), &t).unwrap();
+        let (av, bv) = (a.to_scalar::<f32>().unwrap(), b.to_scalar::<f32>().unwrap());
+        assert!((av - bv).abs() <= 1e-5 * bv.abs(), "{av} vs {bv}");
+        let ga = a.affine(2.0, 0.0).unwrap().backward().unwrap();
+        let gb = b.affine(2.0, 0.0).unwrap().backward().unwrap();
+        let (da, db) = (
+            ga.get(logits.as_tensor()).unwrap(),
+            gb.get(logits.as_tensor()).unwrap(),
+        );
+        assert!(diff(da, db) <= 1e-7, "{}", diff(da, db));
+        let bad = Tensor::from_vec(vec![v as u32; n], n, &Device::Cpu).unwrap();
+        assert!(cross_entropy(logits.as_tensor(), &bad).is_err());
+
+        let g = Var::from_tensor(&Tensor::from_vec(randn(999, 9, 1.0), 999, &Device::Cpu).unwrap())
+            .unwrap();
+        let u =
+            Var::from_tensor(&Tensor::from_vec(randn(999, 10, 1.0), 999, &Device::Cpu).unwrap())
+                .unwrap();
+        let w = Tensor::from_vec(randn(999, 11, 1.0), 999, &Device::Cpu).unwrap();
+        let fused = relu2_gate(g.as_tensor(), u.as_tensor()).unwrap();
+        let reference = g
+            .as_tensor()
+            .relu()
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .mul(u.as_tensor())
+            .unwrap();
+        assert_eq!(
+            fused.to_vec1::<f32>().unwrap(),
+            reference.to_vec1::<f32>().unwrap()
+        );
+        let ga = weighted_grads(&fused, &w);
+        let gb = weighted_grads(&reference, &w);
+        for p in [&g, &u] {
+            let (a, b) = (
+                ga.get(p.as_tensor()).unwrap(),
+                gb.get(p.as_tensor()).unwrap(),
+            );
+            assert!(diff(a, b) <= 1e-6, "{}", diff(a, b));
+        }
+    }
+}

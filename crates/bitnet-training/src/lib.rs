@@ -1,0 +1,25 @@
+//! Quantization-aware training of BitNet b1.58 models on candle.
+//!
+//! - [`bitlinear`]: the BitLinear layer with the straight-through estimator, usable in any
+//!   candle model;
+//! - [`model`]: the b1.58 transformer the engine runs, from a [`config::ModelShape`];
+//! - [`optim`] and [`config::Recipe`]: AdamW, clipping, BitNet's two-stage schedule (or cosine);
+//! - [`data`]: byte-level BPE tokenizer training and shuffled windows;
+//! - [`train`]: the loop with validation, logs and [`checkpoint`]s that resume bit for bit;
+//! - [`plot`]: the loss curves of a run's `log.csv` as a PNG (`loss.png`).
+
+pub mod bitlinear;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod export;
+pub mod fused;
+pub mod model;
+pub mod optim;
+pub mod plot;
+pub mod rng;
+pub mod train;
+
+pub use error::{Result, TrainError};
