@@ -46,7 +46,7 @@ pub fn quantize_weights(w: &Tensor) -> Result<Tensor> {
     Ok(codes.broadcast_div(&s)?)
 }
 
-/// Per-token (last dimension) int8 fake-quantization of activations, with no gradient.
+/// Per-token (last dimension) int8 quantize-dequantize of activations, with no gradient.
 pub fn quantize_activations(x: &Tensor) -> Result<Tensor> {
     let amax = x.abs()?.max_keepdim(D::Minus1)?;
     let s = amax.maximum(QUANT_EPS)?.recip()?.affine(127.0, 0.0)?;
@@ -102,7 +102,7 @@ impl BitLinear {
         }
     }
 
-    /// The input the forward pass multiplies (int8 fake-quantized per token, or `x`).
+    /// The input the forward pass multiplies (int8 quantized and dequantized per token, or `x`).
     pub fn effective_input(&self, x: &Tensor) -> Result<Tensor> {
         if !self.quantize {
             Ok(x.clone())

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
 
 use crate::Result;
 
-/// Per-token int8 fake-quantization (see [`crate::bitlinear::quantize_activations`]) with the
+/// Per-token int8 quantize-dequantize (see [`crate::bitlinear::quantize_activations`]) with the
 /// straight-through gradient, in one pass.
 struct ActQuantSte;
 
@@ -128,7 +128,7 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
 }
 
 /// RMSNorm `y = x * inv_rms(x) * w` over the last dimension, optionally followed by the
-/// per-token int8 fake-quantization of a BitLinear input (straight-through: the gradient is
+/// per-token int8 quantize-dequantize of a BitLinear input (straight-through: the gradient is
 /// RMSNorm's).
 struct RmsNorm {
     eps: f32,
@@ -289,7 +289,7 @@ impl candle_core::CustomOp2 for RmsNormGradW {
 }
 
 /// RMSNorm over the last dimension with gain `w`, fused; with `quantize`, the result is also
-/// fake-quantized to int8 per token (straight-through), as a BitLinear input.
+/// quantized to int8 and dequantized per token (straight-through), as a BitLinear input.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, quantize: bool) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps, quantize })?)
 }

@@ -212,10 +212,15 @@ impl Transformer {
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
         let (cos, sin) = rope_tables(s, t, &self.device)?;
-        let mask = causal_mask(t, &self.device)?;
+        // The fused CPU softmax applies causality itself; other devices add this mask.
+        let mask = if self.device.is_cpu() {
+            None
+        } else {
+            Some(causal_mask(t, &self.device)?)
+        };
         for blk in &self.blocks {
             let h = self.linear_input(&x, &blk.attn_norm)?;
-            let a = self.attention(blk, &h, &cos, &sin, &mask)?;
+            let a = self.attention(blk, &h, &cos, &sin, mask.as_ref())?;
             let a = self.linear_input(&a, &blk.attn_sub_norm)?;
             x = x.add(&matmul_wt(&a, &blk.o_proj.effective_weight()?)?)?;
             let h = self.linear_input(&x, &blk.ffn_norm)?;
@@ -239,7 +244,7 @@ impl Transformer {
     }
 
     /// The input of a linear layer: RMSNorm of `x` with gain `w`, then (BitLinear) per-token int8
-    /// fake-quantization with the straight-through gradient. Fused on the CPU.
+    /// quantize-dequantize with the straight-through gradient. Fused on the CPU.
     fn linear_input(&self, x: &Tensor, w: &Var) -> Result<Tensor> {
         let eps = self.shape.rms_norm_eps;
         if x.device().is_cpu() {
@@ -262,7 +267,7 @@ impl Transformer {
         h: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let s = &self.shape;
         let (b, t, _) = h.dims3()?;
@@ -290,11 +295,12 @@ impl Transformer {
         let (k, v) = (expand(k)?, expand(v)?);
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = q.matmul(&k.t()?)?;
-        let att = if scores.device().is_cpu() {
-            crate::fused::causal_softmax(&scores, scale as f32)?
-        } else {
-            let masked = scores.affine(scale, 0.0)?.broadcast_add(mask)?;
-            candle_nn::ops::softmax(&masked, D::Minus1)?
+        let att = match mask {
+            None => crate::fused::causal_softmax(&scores, scale as f32)?,
+            Some(mask) => {
+                let masked = scores.affine(scale, 0.0)?.broadcast_add(mask)?;
+                candle_nn::ops::softmax(&masked, D::Minus1)?
+            }
         };
         let y = att.matmul(&v)?; // [b, nh, t, hd]
         Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
