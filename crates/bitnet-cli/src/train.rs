@@ -73,7 +73,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
     if a.export_only {
-        return export(&a.out);
+        return finish(&a.out);
     }
     if !a.evaluate.is_empty() {
         return evaluate(&a.out, &a.evaluate);
@@ -143,12 +143,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             .map_or(String::new(), |v| format!(", held-out {v:.4} nats/byte"))
     );
     if s.finished && cfg.recipe.quantize {
+        // `train` has drawn the plot already; only the exports remain.
         export(&a.out)?;
     }
     Ok(())
 }
 
-fn export(dir: &std::path::Path) -> anyhow::Result<()> {
+/// `--export-only`: the loss plot, then (b1.58 runs) the exports.
+fn finish(dir: &std::path::Path) -> anyhow::Result<()> {
     let cfg: TrainConfig = bitnet_training::train::read_json(&dir.join("train_config.json"))?;
     bitnet_training::train::plot_run(dir, &cfg, cfg.recipe.steps)
         .with_context(|| format!("plotting the run in {}", dir.display()))?;
@@ -159,6 +161,10 @@ fn export(dir: &std::path::Path) -> anyhow::Result<()> {
         );
         return Ok(());
     }
+    export(dir)
+}
+
+fn export(dir: &std::path::Path) -> anyhow::Result<()> {
     let files = bitnet_training::export::export_run(dir)
         .with_context(|| format!("exporting the run in {}", dir.display()))?;
     eprintln!("exported {}", files.hf.display());

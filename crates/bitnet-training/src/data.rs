@@ -183,11 +183,6 @@ impl WindowSampler {
         self.order.len()
     }
 
-    /// Tokens in the stream.
-    pub fn stream_len(&self) -> usize {
-        self.stream.len()
-    }
-
     /// The next `batch` windows, row-major `[batch, seq_len + 1]`.
     pub fn next_batch(&mut self, batch: usize) -> Vec<u32> {
         let w = self.seq_len + 1;
