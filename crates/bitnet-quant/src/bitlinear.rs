@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use crate::kernels::Kernels;
 use crate::quantize::quantize_activations;
-use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 use crate::{Error, Result, TernaryMatrix};
 
 /// How a layer's stored weight scale turns integer sums into outputs.
@@ -57,6 +57,9 @@ pub struct BitLinear {
 
 /// Rows per parallel task: enough work to amortise a task, few enough to balance threads.
 pub const ROWS_PER_TASK: usize = 64;
+
+// Tasks start on row-group boundaries.
+const _: () = assert!(ROWS_PER_TASK % ROW_GROUP == 0);
 
 impl BitLinear {
     /// A layer from its weights and scale.
@@ -141,7 +144,8 @@ impl BitLinear {
             .for_each(|(i, out)| {
                 let r0 = i * ROWS_PER_TASK;
                 let n = out.len() / tokens;
-                let rows = &w[r0 * rb..(r0 + n) * rb];
+                // Whole row groups: `r0` is a multiple of ROW_GROUP, the end is rounded up.
+                let rows = &w[r0 * rb..TernaryMatrix::padded_rows(r0 + n) * rb];
                 if tokens == 1 {
                     (kernels.gemv)(rows, rb, xq, out);
                 } else {
@@ -198,24 +202,34 @@ impl BitLinear {
         let (rows, k) = (self.out_features(), self.padded_in());
         let per_row = self.in_features() / bs.block;
         let block_bytes = bs.block / BLOCK_ELEMS * BLOCK_BYTES;
+        // The run of blocks `b * block_bytes..` of one row group is itself a row group of
+        // `block_bytes`-byte rows, so one kernel call gives the group's four partial sums.
+        let group_bytes = ROW_GROUP * rb;
         y.par_chunks_mut(rows)
             .zip(xq.par_chunks(k))
             .zip(s_x.par_iter())
             .for_each(|((yt, x), &s)| {
-                for (r, yo) in yt.iter_mut().enumerate() {
-                    let row = &w[r * rb..(r + 1) * rb];
-                    let mut sum = 0f32;
+                for (g, yg) in yt.chunks_mut(ROW_GROUP).enumerate() {
+                    let group = &w[g * group_bytes..(g + 1) * group_bytes];
+                    let mut sums = [0f32; ROW_GROUP];
                     for b in 0..per_row {
-                        let mut acc = [0i32];
+                        let mut acc = [0i32; ROW_GROUP];
+                        let at = b * ROW_GROUP * block_bytes;
                         (kernels.gemv)(
-                            &row[b * block_bytes..(b + 1) * block_bytes],
+                            &group[at..at + ROW_GROUP * block_bytes],
                             block_bytes,
                             &x[b * bs.block..(b + 1) * bs.block],
                             &mut acc,
                         );
-                        sum += acc[0] as f32 * bs.scales[r * per_row + b];
+                        for (i, (sum, &a)) in sums.iter_mut().zip(&acc).enumerate() {
+                            if let Some(&scale) = bs.scales.get((g * ROW_GROUP + i) * per_row + b) {
+                                *sum += a as f32 * scale;
+                            }
+                        }
                     }
-                    *yo = sum / s;
+                    for (yo, sum) in yg.iter_mut().zip(sums) {
+                        *yo = sum / s;
+                    }
                 }
             });
     }

@@ -21,7 +21,7 @@ pub mod tq;
 pub use bitlinear::BlockScales;
 pub use bitlinear::{BitLinear, WeightScale};
 pub use quantize::{quantize_activations, quantize_weights, weight_scale};
-pub use ternary::{TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS};
+pub use ternary::{block_offset, TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Errors of the quantization layer are the workspace's one error type.
 pub use bitnet_core::{Error, Result};

@@ -1,7 +1,7 @@
 //! Full-precision matrices (embeddings, output head) kept in their file format.
 
 use bitnet_core::{DType, Storage};
-use bitnet_quant::kernels::Kernels;
+use bitnet_quant::kernels::{combine_sums, Kernels, DOT_SUMS};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -112,6 +112,9 @@ const HEAD_ROWS_PER_TASK: usize = 256;
 /// Values decoded per step: a stack buffer's worth, a multiple of the Q8_0 block.
 const DECODE_CHUNK: usize = 256;
 
+// Chunks must start at multiples of the running sums (see `dot`).
+const _: () = assert!(DECODE_CHUNK % DOT_SUMS == 0);
+
 impl DenseMatrix {
     /// Wraps `data` holding `rows` rows of `cols` values in `format`.
     pub fn new(
@@ -192,10 +195,11 @@ impl DenseMatrix {
         }
     }
 
-    /// `sum_k row_r[k] * x[k]` in f32 with eight running sums (sum `j` takes the values
-    /// `k = j mod 8`) combined at the end. The order is fixed, so the result does not depend on
-    /// threads. The row is decoded in chunks into a stack buffer so the multiply-add loop is a
-    /// plain f32 loop the compiler vectorizes.
+    /// `sum_k row_r[k] * x[k]` in f32 in the summation order of the kernels' dense dot
+    /// products ([`DOT_SUMS`] running sums, sum `j` takes the values `k = j mod 32`, combined
+    /// by [`combine_sums`]), so every head format and kernel set sums alike. The order is fixed,
+    /// so the result does not depend on threads. The row is decoded in chunks into a stack
+    /// buffer so the multiply-add loop is a plain f32 loop the compiler vectorizes.
     fn dot(&self, kernels: &Kernels, r: usize, x: &[f32]) -> f32 {
         match self.format {
             DenseFormat::F16 => {
@@ -208,7 +212,7 @@ impl DenseMatrix {
             DenseFormat::Q8_0 => return (kernels.dot_q8_0)(self.row(r), &x[..self.cols]),
             DenseFormat::F32 | DenseFormat::BF16 => {}
         }
-        let mut acc = [0f32; 8];
+        let mut acc = [0f32; DOT_SUMS];
         let mut buf = [0f32; DECODE_CHUNK];
         let row = self.row(r);
         let mut k0 = 0;
@@ -216,11 +220,12 @@ impl DenseMatrix {
             let n = DECODE_CHUNK.min(self.cols - k0);
             self.decode_span(row, k0, &mut buf[..n]);
             let (w, xs) = (&buf[..n], &x[k0..k0 + n]);
-            let mut wc = w.chunks_exact(8);
-            let mut xc = xs.chunks_exact(8);
-            for (w8, x8) in (&mut wc).zip(&mut xc) {
-                for j in 0..8 {
-                    acc[j] += w8[j] * x8[j];
+            // Chunks start at multiples of DOT_SUMS, so value `j` of a chunk goes to sum `j`.
+            let mut wc = w.chunks_exact(DOT_SUMS);
+            let mut xc = xs.chunks_exact(DOT_SUMS);
+            for (wb, xb) in (&mut wc).zip(&mut xc) {
+                for j in 0..DOT_SUMS {
+                    acc[j] += wb[j] * xb[j];
                 }
             }
             for (j, (wv, xv)) in wc.remainder().iter().zip(xc.remainder()).enumerate() {
@@ -228,7 +233,7 @@ impl DenseMatrix {
             }
             k0 += n;
         }
-        ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+        combine_sums(&acc)
     }
 
     /// Decodes values `k0..k0 + out.len()` of a stored row (`k0` and the length multiples of

@@ -282,8 +282,8 @@ fn linear(
                 ));
             }
             let m = if layout == I2sLayout::X86 && cols % bitnet_quant::BLOCK_ELEMS == 0 {
-                // The x86 I2_S block is the runtime block: borrow the codes from the map.
-                TernaryMatrix::from_storage(g.tensor_storage(t)?, rows, cols)?
+                // The x86 I2_S block is the runtime block: only the row groups need regrouping.
+                TernaryMatrix::from_row_major(g.tensor_data(t), rows, cols)?
             } else {
                 let codes = decode_i2s(g.tensor_data(t), rows * cols, layout).map_err(named)?;
                 TernaryMatrix::from_codes(&codes, rows, cols)?

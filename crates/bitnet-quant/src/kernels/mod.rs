@@ -22,23 +22,31 @@ pub mod x86;
 
 use std::sync::OnceLock;
 
-/// `out[r] = sum_k t[r, k] * x[k]` over the rows in `w` (runtime layout, `row_bytes` per row);
-/// `x` is one padded activation row of `row_bytes * 4` int8 values.
+/// `out[r] = sum_k t[r, k] * x[k]` for the rows `r < min(out.len(), w.len() / row_bytes)`;
+/// `w` holds whole row groups of the runtime layout (`row_bytes` per row, see
+/// [`crate::ternary`]) and `x` is one padded activation row of `row_bytes * 4` int8 values.
 pub type GemvFn = fn(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]);
 
 /// The same for `tokens` activation rows laid end to end in `x`:
-/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` with `rows = w.len() / row_bytes`.
+/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` with `rows = out.len() / tokens`, which must
+/// not exceed the rows `w` holds.
 pub type GemmFn = fn(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]);
 
-/// Rows of `w` that a SIMD kernel call covers, after the checks that make its unchecked loads
-/// sound: `row_bytes` a positive multiple of a block and `x` long enough for `tokens` rows.
-/// Panics otherwise (a caller bug, not bad input: `BitLinear` builds these arguments).
+/// Rows of `w` that a SIMD kernel call may read, after the checks that make its unchecked
+/// loads sound: `row_bytes` a positive multiple of a block, `w` whole row groups and `x` long
+/// enough for `tokens` rows. Panics otherwise (a caller bug, not bad input: `BitLinear` builds
+/// these arguments).
 #[allow(dead_code)] // used only by the SIMD modules compiled for this target
 pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
-    use crate::ternary::BLOCK_BYTES;
+    use crate::ternary::{BLOCK_BYTES, ROW_GROUP};
     assert!(
         row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
         "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
+    );
+    assert!(
+        w.len() % (ROW_GROUP * row_bytes) == 0,
+        "{} weight bytes are not whole groups of {ROW_GROUP} rows of {row_bytes}",
+        w.len()
     );
     assert!(
         x_len >= tokens * row_bytes * 4,
@@ -48,16 +56,29 @@ pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usi
     w.len() / row_bytes
 }
 
-/// `sum_k w[k] * x[k]` over `min(w.len(), x.len())` values, with eight running f32 sums (sum
-/// `j` takes `k = j mod 8`, products rounded before they are added) combined as
-/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`. The order is part of the contract, so
-/// every implementation gives the same bits.
+/// `sum_k w[k] * x[k]` over `min(w.len(), x.len())` values, with [`DOT_SUMS`] = 32 running
+/// f32 sums (sum `j` takes `k = j mod 32`, products rounded before they are added), combined
+/// by [`combine_sums`]. The order is part of the contract, so every implementation gives the
+/// same bits. (32 sums are four 8-lane vectors: four independent additions in flight, which
+/// one vector's add latency would otherwise serialise.)
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
 /// `sum_k w[k] * x[k]` for a row `w` of ggml Q8_0 blocks (f16 `d`, 32 int8 `q`; `w[k] =
 /// d * q[k]`, exact in f32), over `min(blocks * 32, x.len())` values, in the summation order of
 /// [`DotF16Fn`].
 pub type DotQ8_0Fn = fn(row: &[u8], x: &[f32]) -> f32;
+
+/// Running sums of the dense dot products ([`DotF16Fn`], [`DotQ8_0Fn`]).
+pub const DOT_SUMS: usize = 32;
+
+/// The fixed combination of the [`DOT_SUMS`] running sums: the four groups of eight are added
+/// element-wise as `(s0 + s1) + (s2 + s3)`, then the eight results as
+/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`.
+#[inline]
+pub fn combine_sums(s: &[f32; DOT_SUMS]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|j| (s[j] + s[8 + j]) + (s[16 + j] + s[24 + j]));
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
 
 /// A set of kernels for one instruction set.
 #[derive(Clone, Copy)]
@@ -223,7 +244,9 @@ mod tests {
             seed ^= seed << 17;
             ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         };
-        for n in [0usize, 1, 7, 8, 9, 31, 255, 256, 257, 2560, 2561] {
+        for n in [
+            0usize, 1, 7, 8, 9, 31, 32, 33, 63, 255, 256, 257, 2560, 2561,
+        ] {
             let w: Vec<half::f16> = (0..n).map(|_| half::f16::from_f32(next() * 0.1)).collect();
             let x: Vec<f32> = (0..n).map(|_| next() * 10.0).collect();
             let want = scalar::dot_f16(&w, &x);
@@ -239,7 +262,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::TernaryMatrix;
+    use crate::{TernaryMatrix, ROW_GROUP};
     use proptest::prelude::*;
 
     /// xorshift64*: a tiny seeded generator, enough for test data.
@@ -366,12 +389,31 @@ mod tests {
                     let mut out = vec![0x5A5A_5A5A; self.rows];
                     (ks.gemv)(w, rb, x_t, &mut out);
                     assert_eq!(out, want_t, "{} gemv token {t} {what}", ks.name);
-                    // Chunks of 3 rows (BitLinear uses bigger ones, the point is the offsets).
-                    let mut out = vec![0x5A5A_5A5A; self.rows];
-                    for (i, o) in out.chunks_mut(3).enumerate() {
-                        (ks.gemv)(&w[i * 3 * rb..(i * 3 + o.len()) * rb], rb, x_t, o);
+                    // Chunks of whole row groups, as BitLinear's tasks call the kernels.
+                    for chunk in [ROW_GROUP, 2 * ROW_GROUP] {
+                        let mut out = vec![0x5A5A_5A5A; self.rows];
+                        for (i, o) in out.chunks_mut(chunk).enumerate() {
+                            let r0 = i * chunk;
+                            let end = TernaryMatrix::padded_rows(r0 + o.len());
+                            (ks.gemv)(&w[r0 * rb..end * rb], rb, x_t, o);
+                        }
+                        assert_eq!(out, want_t, "{} chunked gemv token {t} {what}", ks.name);
                     }
-                    assert_eq!(out, want_t, "{} chunked gemv token {t} {what}", ks.name);
+                }
+                let chunk = 2 * ROW_GROUP;
+                for r0 in (0..self.rows).step_by(chunk) {
+                    let n = chunk.min(self.rows - r0);
+                    let end = TernaryMatrix::padded_rows(r0 + n);
+                    let mut out = vec![0x5A5A_5A5A; self.tokens * n];
+                    (ks.gemm)(&w[r0 * rb..end * rb], rb, &self.x, self.tokens, &mut out);
+                    for t in 0..self.tokens {
+                        assert_eq!(
+                            &out[t * n..(t + 1) * n],
+                            &want[t * self.rows + r0..t * self.rows + r0 + n],
+                            "{} chunked gemm rows {r0}.. token {t} {what}",
+                            ks.name
+                        );
+                    }
                 }
             }
         }
@@ -420,21 +462,33 @@ mod tests {
 
     #[test]
     fn block_scaled_slices_match() {
-        // BitLinear's block-scaled path calls gemv on one row's sub-blocks.
-        let c = Case::new(3, 1024, 1, Fill::Random, 9);
+        // BitLinear's block-scaled path calls gemv on one row group's run of blocks, which is
+        // itself a row group of shorter rows.
+        let c = Case::new(7, 1024, 1, Fill::Random, 9);
         let (w, rb) = (c.m.bytes(), c.m.row_bytes());
+        let want_rows = c.expected();
         for block in [128, 256, 512] {
             let bb = block / 4;
-            for r in 0..c.rows {
+            for g in 0..c.rows.div_ceil(ROW_GROUP) {
+                let mut whole = [0i32; ROW_GROUP];
                 for b in 0..c.cols / block {
-                    let row = &w[r * rb + b * bb..r * rb + (b + 1) * bb];
+                    let at = g * ROW_GROUP * rb + b * ROW_GROUP * bb;
+                    let part = &w[at..at + ROW_GROUP * bb];
                     let x = &c.x[b * block..(b + 1) * block];
-                    let mut want = [0i32];
-                    scalar::gemv(row, bb, x, &mut want);
+                    let mut want = [0i32; ROW_GROUP];
+                    scalar::gemv(part, bb, x, &mut want);
                     for ks in Kernels::available() {
-                        let mut got = [7i32];
-                        (ks.gemv)(row, bb, x, &mut got);
-                        assert_eq!(got, want, "{} block {block} row {r} #{b}", ks.name);
+                        let mut got = [7i32; ROW_GROUP];
+                        (ks.gemv)(part, bb, x, &mut got);
+                        assert_eq!(got, want, "{} block {block} group {g} #{b}", ks.name);
+                    }
+                    for (s, v) in whole.iter_mut().zip(want) {
+                        *s += v;
+                    }
+                }
+                for (i, &s) in whole.iter().enumerate() {
+                    if let Some(&r) = want_rows.get(g * ROW_GROUP + i) {
+                        assert_eq!(s, r, "the parts of row {} add up", g * ROW_GROUP + i);
                     }
                 }
             }

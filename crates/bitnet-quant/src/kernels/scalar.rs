@@ -1,18 +1,18 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
-use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+use super::{combine_sums, DOT_SUMS};
+use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
 
-/// Exact dot product of one runtime-layout row with one padded int8 activation row.
+/// Exact dot product of row `r` of the runtime-layout matrix `w` (`row_bytes` per row) with
+/// one padded int8 activation row.
 #[inline]
-pub fn dot_row(row: &[u8], x: &[i8]) -> i32 {
+pub fn dot_row(w: &[u8], row_bytes: usize, r: usize, x: &[i8]) -> i32 {
     let mut acc = 0i32;
-    for (block, xb) in row
-        .chunks_exact(BLOCK_BYTES)
-        .zip(x.chunks_exact(BLOCK_ELEMS))
-    {
-        for (j, &b) in block.iter().enumerate() {
+    for (b, xb) in x.chunks_exact(BLOCK_ELEMS).enumerate() {
+        let at = block_offset(row_bytes, r, b);
+        for (j, &byte) in w[at..at + BLOCK_BYTES].iter().enumerate() {
             for lane in 0..4 {
-                let t = ((b >> (6 - 2 * lane)) & 3) as i32 - 1;
+                let t = ((byte >> (6 - 2 * lane)) & 3) as i32 - 1;
                 acc += t * xb[lane * 32 + j] as i32;
             }
         }
@@ -23,14 +23,18 @@ pub fn dot_row(row: &[u8], x: &[i8]) -> i32 {
 /// Reference matrix-vector product; see [`super::GemvFn`].
 pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
     debug_assert_eq!(x.len(), row_bytes * 4);
-    for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
-        *o = dot_row(row, x);
+    let rows = (w.len() / row_bytes).min(out.len());
+    for (r, o) in out[..rows].iter_mut().enumerate() {
+        *o = dot_row(w, row_bytes, r, x);
     }
 }
 
 /// Reference matrix-matrix product; see [`super::GemmFn`].
 pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]) {
-    let rows = w.len() / row_bytes;
+    if tokens == 0 {
+        return;
+    }
+    let rows = out.len() / tokens;
     let k = row_bytes * 4;
     for t in 0..tokens {
         gemv(
@@ -44,23 +48,24 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
 
 /// Reference f16 x f32 dot product; see [`super::DotF16Fn`] for the summation order.
 pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
+    let mut acc = [0f32; DOT_SUMS];
     for (k, (wv, xv)) in w.iter().zip(x).enumerate() {
-        acc[k % 8] += wv.to_f32() * xv;
+        acc[k % DOT_SUMS] += wv.to_f32() * xv;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    combine_sums(&acc)
 }
 
 /// Reference Q8_0 x f32 dot product; see [`super::DotQ8_0Fn`].
 pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    for (b, (blk, xs)) in row.chunks_exact(34).zip(x.chunks(32)).enumerate() {
+    let mut acc = [0f32; DOT_SUMS];
+    for (blk, xs) in row.chunks_exact(34).zip(x.chunks(32)) {
         let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        // Blocks are 32 = DOT_SUMS values long, so value `j` of any block goes to sum `j`.
         for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
-            acc[(b * 32 + j) % 8] += (d * (q as i8) as f32) * xv;
+            acc[j] += (d * (q as i8) as f32) * xv;
         }
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    combine_sums(&acc)
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ use std::arch::asm;
 use std::arch::is_aarch64_feature_detected;
 
 use crate::kernels::{checked_rows, scalar};
-use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
 const FLUSH_BLOCKS: usize = 8;
@@ -55,8 +55,12 @@ const DOT_FLUSH_BLOCKS: usize = 1024;
 // Worst case of one scaled i32 lane after DOT_FLUSH_BLOCKS blocks: 8 products of 32 * 128.
 const _: () = assert!(DOT_FLUSH_BLOCKS * 8 * 32 * 128 <= i32::MAX as usize);
 
-/// Rows of weights per tile when streaming one token (decode).
-const GEMV_ROWS: usize = 4;
+/// Rows of weights per tile when streaming one token (decode): one whole row group, so one
+/// sequential stream (see [`crate::ternary`]).
+const GEMV_ROWS: usize = ROW_GROUP;
+
+/// Bytes from one block of a row to its next: the blocks of a group's rows are interleaved.
+const BLOCK_STEP: usize = ROW_GROUP * BLOCK_BYTES;
 
 /// NEON matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
 /// [`scalar::gemv`]; on a CPU without NEON it calls it.
@@ -79,15 +83,19 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if !is_aarch64_feature_detected!("neon") {
         return scalar::gemm(w, row_bytes, x, tokens, out);
     }
-    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    if tokens == 0 {
+        return;
+    }
+    let held = checked_rows(w, row_bytes, x.len(), tokens);
+    let rows = out.len() / tokens;
     assert!(
-        out.len() >= tokens * rows,
-        "{} outputs cannot hold {tokens} x {rows}",
-        out.len()
+        rows <= held,
+        "{rows} output rows, but the weights hold {held}"
     );
     // SAFETY: NEON was detected just above and `DOT` is false; `checked_rows` and the assert
-    // above guarantee that `w` holds `rows` rows of `row_bytes` (a positive multiple of 32), `x`
-    // holds `tokens` rows of `row_bytes * 4` activations and `out` holds `tokens * rows` outputs.
+    // above guarantee that `w` is whole row groups holding `rows` rows of `row_bytes` (a
+    // positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4` activations and
+    // `out` holds `tokens * rows` outputs.
     unsafe { products::<false>(w, row_bytes, rows, x, tokens, out) }
 }
 
@@ -112,16 +120,19 @@ pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &m
     if !(is_aarch64_feature_detected!("neon") && is_aarch64_feature_detected!("dotprod")) {
         return gemm(w, row_bytes, x, tokens, out);
     }
-    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    if tokens == 0 {
+        return;
+    }
+    let held = checked_rows(w, row_bytes, x.len(), tokens);
+    let rows = out.len() / tokens;
     assert!(
-        out.len() >= tokens * rows,
-        "{} outputs cannot hold {tokens} x {rows}",
-        out.len()
+        rows <= held,
+        "{rows} output rows, but the weights hold {held}"
     );
     // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true; `checked_rows`
-    // and the assert above guarantee that `w` holds `rows` rows of `row_bytes` (a positive
-    // multiple of 32), `x` holds `tokens` rows of `row_bytes * 4` activations and `out` holds
-    // `tokens * rows` outputs.
+    // and the assert above guarantee that `w` is whole row groups holding `rows` rows of
+    // `row_bytes` (a positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4`
+    // activations and `out` holds `tokens * rows` outputs.
     unsafe { products::<true>(w, row_bytes, rows, x, tokens, out) }
 }
 
@@ -131,7 +142,7 @@ pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &m
 /// # Safety
 ///
 /// NEON must be available, and dotprod too if `DOT`. `row_bytes` must be a positive multiple
-/// of [`BLOCK_BYTES`], `w` must hold at least `rows * row_bytes` bytes, `x` at least
+/// of [`BLOCK_BYTES`], `w` must hold whole row groups of at least `rows` rows, `x` at least
 /// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
 #[target_feature(enable = "neon")]
 unsafe fn products<const DOT: bool>(
@@ -162,7 +173,8 @@ unsafe fn products<const DOT: bool>(
 }
 
 /// The products of all `rows` rows with the `T` activation rows starting at token `t0`, in
-/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`.
+/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`. `R` divides
+/// [`ROW_GROUP`], so a tile never straddles two row groups.
 ///
 /// # Safety
 ///
@@ -186,13 +198,15 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
         // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
         *s = sum_x(xs[t * k..].as_ptr(), blocks);
     }
+    const { assert!(ROW_GROUP % R == 0) };
     let mut r = 0;
     while r + R <= rows {
-        // SAFETY: rows `r..r + R` lie in `w` (`rows * row_bytes <= w.len()`), the `T`
-        // activation rows of `xs` are `k` apart and `k` long, and dotprod is available if `DOT`.
+        // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,
+        // the `T` activation rows of `xs` are `k` apart and `k` long, and dotprod is available
+        // if `DOT`.
         let d = tile::<DOT, R, T>(
-            w[r * row_bytes..].as_ptr(),
-            row_bytes,
+            w[block_offset(row_bytes, r, 0)..].as_ptr(),
+            BLOCK_BYTES,
             xs.as_ptr(),
             k,
             blocks,
@@ -207,8 +221,8 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
     while r < rows {
         // SAFETY: as above, for the single row `r < rows`.
         let d = tile::<DOT, 1, T>(
-            w[r * row_bytes..].as_ptr(),
-            row_bytes,
+            w[block_offset(row_bytes, r, 0)..].as_ptr(),
+            BLOCK_BYTES,
             xs.as_ptr(),
             k,
             blocks,
@@ -220,7 +234,8 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
     }
 }
 
-/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` rows from `w`, `row_bytes` apart,
+/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` rows of one row group, whose first
+/// blocks start at `w` and `row_stride` apart and whose next blocks follow [`BLOCK_STEP`] on,
 /// and `T` activation rows from `x`, `x_stride` apart, over `blocks` blocks: [`tile_dot`] if
 /// `DOT`, else [`tile_mla`].
 ///
@@ -231,17 +246,17 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
 #[inline]
 unsafe fn tile<const DOT: bool, const R: usize, const T: usize>(
     w: *const u8,
-    row_bytes: usize,
+    row_stride: usize,
     x: *const i8,
     x_stride: usize,
     blocks: usize,
 ) -> [[i32; T]; R] {
     if DOT {
         // SAFETY: the caller's guarantees, dotprod included.
-        tile_dot::<R, T>(w, row_bytes, x, x_stride, blocks)
+        tile_dot::<R, T>(w, row_stride, x, x_stride, blocks)
     } else {
         // SAFETY: the caller's guarantees.
-        tile_mla::<R, T>(w, row_bytes, x, x_stride, blocks)
+        tile_mla::<R, T>(w, row_stride, x, x_stride, blocks)
     }
 }
 
@@ -249,13 +264,14 @@ unsafe fn tile<const DOT: bool, const R: usize, const T: usize>(
 ///
 /// # Safety
 ///
-/// NEON must be available; for every `r < R` the `blocks * 32` bytes from `w + r * row_bytes`,
+/// NEON must be available; for every `r < R` and `b < blocks` the 32 bytes from
+/// `w + r * row_stride + b * BLOCK_STEP`,
 /// and for every `t < T` the `blocks * 128` bytes from `x + t * x_stride`, must be readable.
 #[target_feature(enable = "neon")]
 #[inline]
 unsafe fn tile_mla<const R: usize, const T: usize>(
     w: *const u8,
-    row_bytes: usize,
+    row_stride: usize,
     x: *const i8,
     x_stride: usize,
     blocks: usize,
@@ -264,7 +280,7 @@ unsafe fn tile_mla<const R: usize, const T: usize>(
     let mut wp = [w; R];
     for (r, p) in wp.iter_mut().enumerate() {
         // SAFETY: the start of row `r < R`, inside the readable range by the contract.
-        *p = w.add(r * row_bytes);
+        *p = w.add(r * row_stride);
     }
     let mut xp = [x; T];
     for (t, p) in xp.iter_mut().enumerate() {
@@ -282,7 +298,7 @@ unsafe fn tile_mla<const R: usize, const T: usize>(
                 // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
                 // The bumped pointer is at most one past the row's `blocks * 32` bytes.
                 let wv = codes(*p);
-                *p = p.add(BLOCK_BYTES);
+                *p = p.wrapping_add(BLOCK_STEP);
                 for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
                     for (i, &cv) in wv.iter().enumerate() {
                         // SAFETY: vector `i < 8` of the 128 activations of the same block of
@@ -325,7 +341,7 @@ unsafe fn tile_mla<const R: usize, const T: usize>(
 #[inline]
 unsafe fn tile_dot<const R: usize, const T: usize>(
     w: *const u8,
-    row_bytes: usize,
+    row_stride: usize,
     x: *const i8,
     x_stride: usize,
     blocks: usize,
@@ -333,7 +349,7 @@ unsafe fn tile_dot<const R: usize, const T: usize>(
     let mut wp = [w; R];
     for (r, p) in wp.iter_mut().enumerate() {
         // SAFETY: the start of row `r < R`, inside the readable range by the contract.
-        *p = w.add(r * row_bytes);
+        *p = w.add(r * row_stride);
     }
     let mut xp = [x; T];
     for (t, p) in xp.iter_mut().enumerate() {
@@ -351,7 +367,7 @@ unsafe fn tile_dot<const R: usize, const T: usize>(
                 // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
                 // The bumped pointer is at most one past the row's `blocks * 32` bytes.
                 let wv = scaled_codes(*p);
-                *p = p.add(BLOCK_BYTES);
+                *p = p.wrapping_add(BLOCK_STEP);
                 for (&xb, a) in xp.iter().zip(accr.iter_mut()) {
                     for (i, &cv) in wv.iter().enumerate() {
                         // SAFETY: vector `i < 8` of the 128 activations of the same block of

@@ -24,11 +24,18 @@
 //! tokens matters), and smaller tiles for the 1 to 3 tokens left over. Tiles of 2 rows x 4
 //! tokens measured slower, and sweeping the token groups over L2-sized bands of rows measured
 //! no faster (the product is compute-bound, not bound by streaming the weights from L3).
+//!
+//! # Streaming (decode)
+//!
+//! A 4-row tile is one row group of the layout, so it reads one sequential stream, and it
+//! prefetches [`PREFETCH_BYTES`] ahead of it. Measured on an AMD EPYC (Zen, one thread, 521 MB
+//! of 2B-4T matrices): four separate row streams ran at 6.2 GB/s, one interleaved stream at
+//! 10.5 GB/s, and with the prefetch at 14.2 GB/s, against 14.9 GB/s for a plain read loop.
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{checked_rows, scalar};
-use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS};
+use crate::kernels::{checked_rows, combine_sums, scalar, DOT_SUMS};
+use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
 const FLUSH_BLOCKS: usize = 8;
@@ -36,8 +43,15 @@ const FLUSH_BLOCKS: usize = 8;
 // Worst case of one i16 lane after FLUSH_BLOCKS blocks: 4 products of -512 per block.
 const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
 
-/// Rows of weights per tile when streaming one token (decode).
-const GEMV_ROWS: usize = 4;
+/// Rows of weights per tile when streaming one token (decode): one whole row group.
+const GEMV_ROWS: usize = ROW_GROUP;
+
+/// How far ahead of a row group's stream its tile prefetches (see the module docs; 1 KB
+/// measured 12.5 GB/s, 2 KB 14.2, 4 KB 13.8).
+const PREFETCH_BYTES: usize = 2048;
+
+/// Bytes from one block of a row to its next: the blocks of a group's rows are interleaved.
+const BLOCK_STEP: usize = ROW_GROUP * BLOCK_BYTES;
 
 /// AVX2 matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
 /// [`scalar::gemv`]; on a CPU without AVX2 it calls it.
@@ -48,9 +62,9 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
     debug_assert_eq!(x.len(), row_bytes * 4);
     let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
     // SAFETY: AVX2 was detected just above. `checked_rows` asserted that `row_bytes` is a
-    // positive multiple of 32 and that `x` holds `row_bytes * 4` activations; `rows` rows of
-    // `row_bytes` fit in `w` and `rows` outputs fit in `out`, which is all `products` reads
-    // and writes.
+    // positive multiple of 32, that `w` is whole row groups and that `x` holds `row_bytes * 4`
+    // activations; `rows` rows fit in `w` and `rows` outputs fit in `out`, which is all
+    // `products` reads and writes.
     unsafe { products(w, row_bytes, rows, x, 1, out) }
 }
 
@@ -60,15 +74,19 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if !is_x86_feature_detected!("avx2") {
         return scalar::gemm(w, row_bytes, x, tokens, out);
     }
-    let rows = checked_rows(w, row_bytes, x.len(), tokens);
+    if tokens == 0 {
+        return;
+    }
+    let held = checked_rows(w, row_bytes, x.len(), tokens);
+    let rows = out.len() / tokens;
     assert!(
-        out.len() >= tokens * rows,
-        "{} outputs cannot hold {tokens} x {rows}",
-        out.len()
+        rows <= held,
+        "{rows} output rows, but the weights hold {held}"
     );
     // SAFETY: AVX2 was detected just above; `checked_rows` and the assert above guarantee
-    // that `w` holds `rows` rows of `row_bytes` (a positive multiple of 32), `x` holds
-    // `tokens` rows of `row_bytes * 4` activations and `out` holds `tokens * rows` outputs.
+    // that `w` is whole row groups holding `rows` rows of `row_bytes` (a positive multiple of
+    // 32), `x` holds `tokens` rows of `row_bytes * 4` activations and `out` holds
+    // `tokens * rows` outputs.
     unsafe { products(w, row_bytes, rows, x, tokens, out) }
 }
 
@@ -77,8 +95,8 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
 /// # Safety
 ///
 /// AVX2 must be available. `row_bytes` must be a positive multiple of [`BLOCK_BYTES`], `w` must
-/// hold at least `rows * row_bytes` bytes, `x` at least `tokens * row_bytes * 4` activations,
-/// and `out` at least `tokens * rows` values.
+/// hold whole row groups of at least `rows` rows of `row_bytes` bytes, `x` at least
+/// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
 #[target_feature(enable = "avx2")]
 unsafe fn products(
     w: &[u8],
@@ -108,7 +126,8 @@ unsafe fn products(
 }
 
 /// The products of all `rows` rows with the `T` activation rows starting at token `t0`, in
-/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`.
+/// tiles of `R` rows (and single rows for the rest), into `out[t * rows + r]`. `R` divides
+/// [`ROW_GROUP`], so a tile never straddles two row groups.
 ///
 /// # Safety
 ///
@@ -132,13 +151,13 @@ unsafe fn group<const R: usize, const T: usize>(
         // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
         *s = sum_x(xs[t * k..].as_ptr(), blocks);
     }
+    const { assert!(ROW_GROUP % R == 0) };
     let mut r = 0;
     while r + R <= rows {
-        // SAFETY: rows `r..r + R` lie in `w` (`rows * row_bytes <= w.len()`), and the `T`
-        // activation rows of `xs` are `k` apart and `k` long.
+        // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,
+        // and the `T` activation rows of `xs` are `k` apart and `k` long.
         let d = tile::<R, T>(
-            w[r * row_bytes..].as_ptr(),
-            row_bytes,
+            w[block_offset(row_bytes, r, 0)..].as_ptr(),
             xs.as_ptr(),
             k,
             blocks,
@@ -153,8 +172,7 @@ unsafe fn group<const R: usize, const T: usize>(
     while r < rows {
         // SAFETY: as above, for the single row `r < rows`.
         let d = tile::<1, T>(
-            w[r * row_bytes..].as_ptr(),
-            row_bytes,
+            w[block_offset(row_bytes, r, 0)..].as_ptr(),
             xs.as_ptr(),
             k,
             blocks,
@@ -166,19 +184,19 @@ unsafe fn group<const R: usize, const T: usize>(
     }
 }
 
-/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` rows from `w`, `row_bytes` apart,
-/// and `T` activation rows from `x`, `x_stride` apart, over `blocks` blocks.
+/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` consecutive rows of one row group,
+/// the first of which starts at `w`, and `T` activation rows from `x`, `x_stride` apart, over
+/// `blocks` blocks.
 ///
 /// # Safety
 ///
-/// AVX2 must be available; for every `r < R` the `blocks * 32` bytes from
-/// `w + r * row_bytes`, and for every `t < T` the `blocks * 128` bytes from
+/// AVX2 must be available; for every `r < R` and `b < blocks` the 32 bytes from
+/// `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the `blocks * 128` bytes from
 /// `x + t * x_stride`, must be readable.
 #[target_feature(enable = "avx2")]
 #[inline]
 unsafe fn tile<const R: usize, const T: usize>(
     w: *const u8,
-    row_bytes: usize,
     x: *const i8,
     x_stride: usize,
     blocks: usize,
@@ -189,8 +207,8 @@ unsafe fn tile<const R: usize, const T: usize>(
     // bumps rather than index arithmetic, which stays cheap with overflow checks on).
     let mut wp = [w; R];
     for (r, p) in wp.iter_mut().enumerate() {
-        // SAFETY: the start of row `r < R`, inside the readable range by the contract.
-        *p = w.add(r * row_bytes);
+        // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
+        *p = w.add(r * BLOCK_BYTES);
     }
     let mut xp = [x as *const __m256i; T];
     for (t, p) in xp.iter_mut().enumerate() {
@@ -203,11 +221,18 @@ unsafe fn tile<const R: usize, const T: usize>(
         let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
         let mut acc16 = [[_mm256_setzero_si256(); T]; R];
         for _ in b0..b1 {
+            if R == ROW_GROUP {
+                // A hint only: prefetching past the end of the weights is harmless, and
+                // `wrapping_add` keeps the address computation itself defined.
+                let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
             for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
                 // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
-                // The bumped pointer is at most one past the row's `blocks * 32` bytes.
+                // The bumped pointer is at most one step past the row's last block.
                 let wv = _mm256_loadu_si256(*p as *const __m256i);
-                *p = p.add(BLOCK_BYTES);
+                *p = p.wrapping_add(BLOCK_STEP);
                 let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
                 let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
                 let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
@@ -286,8 +311,8 @@ unsafe fn hsum(v: __m256i) -> i32 {
 
 /// f16 x f32 dot product with F16C conversion; falls back to the scalar kernel on CPUs
 /// without AVX or F16C. Same summation order as [`crate::kernels::scalar::dot_f16`]: lane `j`
-/// of the vector accumulator is running sum `j`, and multiply and add are rounded separately
-/// (no FMA), so the bits agree.
+/// of vector accumulator `v` is running sum `8 v + j`, and multiply and add are rounded
+/// separately (no FMA), so the bits agree.
 pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     if !(is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c")) {
         return crate::kernels::scalar::dot_f16(w, x);
@@ -299,33 +324,45 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
 #[target_feature(enable = "avx,f16c")]
 unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
     let n = w.len().min(x.len());
-    let full = n / 8 * 8;
-    let mut acc = _mm256_setzero_ps();
+    let full = n / DOT_SUMS * DOT_SUMS;
+    let mut acc = [_mm256_setzero_ps(); 4];
     let mut k = 0;
     while k < full {
-        // SAFETY: k + 8 <= full <= n, so both 8-element loads are inside their slices;
-        // f16 is a 2-byte plain value, as `_mm_loadu_si128` reads 16 unaligned bytes.
-        let (wv, xv) = unsafe {
-            (
-                _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(k) as *const __m128i)),
-                _mm256_loadu_ps(x.as_ptr().add(k)),
-            )
-        };
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(wv, xv));
-        k += 8;
+        for (v, a) in acc.iter_mut().enumerate() {
+            // SAFETY: k + 32 <= full <= n, so both 8-element loads at k + 8v are inside their
+            // slices; f16 is a 2-byte plain value, as `_mm_loadu_si128` reads 16 bytes.
+            let (wv, xv) = unsafe {
+                (
+                    _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(k + 8 * v) as *const __m128i)),
+                    _mm256_loadu_ps(x.as_ptr().add(k + 8 * v)),
+                )
+            };
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, xv));
+        }
+        k += DOT_SUMS;
     }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds exactly 8 f32.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
+    let mut sums = store_sums(&acc);
     for (j, (wv, xv)) in w[full..n].iter().zip(&x[full..n]).enumerate() {
-        lanes[j] += wv.to_f32() * xv;
+        sums[j] += wv.to_f32() * xv;
     }
-    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+    combine_sums(&sums)
+}
+
+/// The four vector accumulators as the 32 running sums, sum `8 v + j` from lane `j` of `v`.
+#[target_feature(enable = "avx")]
+#[inline]
+unsafe fn store_sums(acc: &[__m256; 4]) -> [f32; DOT_SUMS] {
+    let mut sums = [0f32; DOT_SUMS];
+    for (v, a) in acc.iter().enumerate() {
+        // SAFETY: `sums[8 v..8 v + 8]` is 8 f32 inside the array.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *a) };
+    }
+    sums
 }
 
 /// Q8_0 x f32 dot product; falls back to the scalar kernel without AVX2. Same order as
-/// [`crate::kernels::scalar::dot_q8_0`] (lane `j` is running sum `j`, no FMA).
+/// [`crate::kernels::scalar::dot_q8_0`] (lane `j` of vector `v` is running sum `8 v + j`, no
+/// FMA).
 pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     if !is_x86_feature_detected!("avx2") {
         return scalar::dot_q8_0(row, x);
@@ -333,25 +370,24 @@ pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
     let blocks = (row.len() / 34).min(x.len() / 32);
     // SAFETY: AVX2 was just detected; `dot_q8_0_avx2` reads `blocks` whole blocks of `row`
     // and `blocks * 32` values of `x`, both inside their slices by the line above.
-    let (lanes, done) = unsafe { dot_q8_0_avx2(row, x, blocks) };
-    let mut acc = lanes;
-    // A partial last block (x shorter than the row): the scalar order, lane by index.
-    if let (Some(blk), Some(xs)) = (row.get(done * 34..done * 34 + 34), x.get(done * 32..)) {
+    let mut sums = unsafe { dot_q8_0_avx2(row, x, blocks) };
+    // A partial last block (x shorter than the row): the scalar order, value `j` to sum `j`.
+    if let (Some(blk), Some(xs)) = (row.get(blocks * 34..blocks * 34 + 34), x.get(blocks * 32..)) {
         let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
         for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
-            acc[j % 8] += (d * (q as i8) as f32) * xv;
+            sums[j] += (d * (q as i8) as f32) * xv;
         }
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    combine_sums(&sums)
 }
 
 #[target_feature(enable = "avx2")]
-unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32], blocks: usize) -> ([f32; 8], usize) {
-    let mut acc = _mm256_setzero_ps();
+unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32], blocks: usize) -> [f32; DOT_SUMS] {
+    let mut acc = [_mm256_setzero_ps(); 4];
     for b in 0..blocks {
         let blk = &row[b * 34..b * 34 + 34];
         let d = _mm256_set1_ps(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
-        for g in 0..4 {
+        for (g, a) in acc.iter_mut().enumerate() {
             // SAFETY: bytes 2 + 8g .. 2 + 8g + 8 lie inside the 34-byte block, and the 8 x
             // values at b*32 + 8g lie inside `x` (b < blocks <= x.len() / 32).
             let (q, xv) = unsafe {
@@ -361,11 +397,8 @@ unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32], blocks: usize) -> ([f32; 8], usiz
                 )
             };
             let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-            acc = _mm256_add_ps(acc, _mm256_mul_ps(w, xv));
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, xv));
         }
     }
-    let mut lanes = [0f32; 8];
-    // SAFETY: `lanes` holds exactly 8 f32.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), acc) };
-    (lanes, blocks)
+    store_sums(&acc)
 }
