@@ -34,10 +34,18 @@ fn physical_cores() -> Option<usize> {
 /// Sizes the process-wide pool that parallel work uses outside any [`ThreadPool::install`]
 /// to `n` threads (`0`: [`default_thread_count`]) and returns the count. For binaries, which
 /// own the process; it can be set once, before any parallel work.
+///
+/// The calling thread becomes one of the `n` workers, so the parallel loops of a forward pass
+/// started from it run there and share their pieces out by work stealing, instead of being
+/// handed to the pool and waited for, a sleep and a wake-up per loop (a few hundred per
+/// generated token). Measured on the 2B-4T shape, one thread: 8.7 -> 10.2 tokens/s. The
+/// calling thread should therefore be the one that runs the model, and it should not exit
+/// while the pool is in use (the main thread of a binary qualifies).
 pub fn init_global_pool(n: usize) -> Result<usize> {
     let n = if n == 0 { default_thread_count() } else { n };
     rayon::ThreadPoolBuilder::new()
         .num_threads(n)
+        .use_current_thread()
         .thread_name(|i| format!("bitnet-worker-{i}"))
         .build_global()
         .map_err(|e| Error::Threads(e.to_string()))?;

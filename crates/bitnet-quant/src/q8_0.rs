@@ -30,9 +30,43 @@ pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Quantizes the activations a Q8_0 head multiplies, block by block of 32 values: `d[b] =
+/// max|x| / 127` (kept in f32, unlike the stored weights' f16), `q = round(x / d)`, halves to
+/// even, in `[-127, 127]` (the kernels rely on that range). `x` must be `32 * d.len()` long
+/// and `q` as long as `x`.
+pub fn quantize_q8_0_activations(x: &[f32], q: &mut [i8], d: &mut [f32]) {
+    debug_assert_eq!(x.len(), Q8_0_BLOCK * d.len());
+    for ((xb, qb), db) in x
+        .chunks_exact(Q8_0_BLOCK)
+        .zip(q.chunks_exact_mut(Q8_0_BLOCK))
+        .zip(d.iter_mut())
+    {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *db = amax / 127.0;
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (qv, &v) in qb.iter_mut().zip(xb) {
+            *qv = (v * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activation_blocks_scale_by_absmax() {
+        let mut x = [0f32; 64];
+        x[0] = -2.54;
+        x[1] = 1.27;
+        x[2] = 0.01; // 0.5 after scaling: to even, 0
+        x[3] = 0.03; // 1.5: to even, 2
+        let (mut q, mut d) = ([0i8; 64], [0f32; 2]);
+        quantize_q8_0_activations(&x, &mut q, &mut d);
+        assert_eq!(d, [2.54 / 127.0, 0.0]);
+        assert_eq!(&q[..4], &[-127, 64, 0, 2]);
+        assert!(q[32..].iter().all(|&v| v == 0));
+    }
 
     #[test]
     fn blocks_scale_by_absmax() {

@@ -16,6 +16,7 @@
 //! [`TernaryMatrix::padded_rows`] rows, the missing rows of the last group padded with code 1.
 
 use bitnet_core::{AlignedBuffer, Storage};
+use rayon::prelude::*;
 
 use crate::{Error, Result};
 
@@ -70,18 +71,29 @@ impl TernaryMatrix {
         // Code 1 (weight 0) in every slot, so padding contributes nothing.
         let mut buf = AlignedBuffer::zeroed(Self::padded_rows(rows) * row_bytes);
         buf.as_mut_bytes().fill(0b0101_0101);
-        let bytes = buf.as_mut_bytes();
-        for (r, row) in codes.chunks_exact(cols.max(1)).enumerate().take(rows) {
-            for (k, &t) in row.iter().enumerate() {
-                if !(-1..=1).contains(&t) {
-                    return Err(Error::InvalidInput(format!(
-                        "code {t} at [{r}, {k}] is not ternary"
-                    )));
-                }
-                let (byte, shift) = position(k);
-                let slot = &mut bytes[block_offset(row_bytes, r, k / BLOCK_ELEMS) + byte];
-                *slot = (*slot & !(3 << shift)) | (((t + 1) as u8) << shift);
-            }
+        if cols > 0 {
+            // Row groups are independent: pack them in parallel (a 2B model has 1.3G codes).
+            buf.as_mut_bytes()
+                .par_chunks_mut(ROW_GROUP * row_bytes)
+                .zip(codes.par_chunks(ROW_GROUP * cols))
+                .enumerate()
+                .try_for_each(|(g, (group, codes))| {
+                    for (i, row) in codes.chunks_exact(cols).enumerate() {
+                        for (k, &t) in row.iter().enumerate() {
+                            if !(-1..=1).contains(&t) {
+                                let r = g * ROW_GROUP + i;
+                                return Err(Error::InvalidInput(format!(
+                                    "code {t} at [{r}, {k}] is not ternary"
+                                )));
+                            }
+                            let (byte, shift) = position(k);
+                            let slot =
+                                &mut group[block_offset(row_bytes, i, k / BLOCK_ELEMS) + byte];
+                            *slot = (*slot & !(3 << shift)) | (((t + 1) as u8) << shift);
+                        }
+                    }
+                    Ok(())
+                })?;
         }
         Ok(TernaryMatrix {
             rows,

@@ -4,9 +4,12 @@
 //! TQ2_0 stores 2-bit codes (66 bytes a block), TQ1_0 packs five trits per byte as a base-3
 //! fraction (54 bytes a block, 1.69 bits a weight).
 
+use bitnet_core::{AlignedBuffer, Storage};
 use half::f16;
+use rayon::prelude::*;
 
-use crate::{Error, Result};
+use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
+use crate::{Error, Result, TernaryMatrix};
 
 /// Weights per TQ block.
 pub const TQ_BLOCK: usize = 256;
@@ -187,6 +190,112 @@ pub fn encode_tq1_0(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> R
     Ok(out)
 }
 
+/// A TQ tensor repacked straight into the runtime layout, with what the loader needs to
+/// choose between one scale and per-block scales.
+#[derive(Debug, Clone)]
+pub struct RepackedTq {
+    /// The codes, in the runtime layout.
+    pub matrix: TernaryMatrix,
+    /// The f16 scale `d` of each block, widened to f32, row-major `[rows, cols / 256]`.
+    pub scales: Vec<f32>,
+    /// Whether each block holds a non-zero weight (a block of zeros has no say in the step).
+    pub nonzero: Vec<bool>,
+}
+
+/// Runtime bytes of a block of 256 weights: two runtime blocks of 128.
+const RUNTIME_PAIR: usize = 2 * BLOCK_BYTES;
+
+/// A runtime byte holding four zero weights (code 1 in every slot).
+const ZERO_BYTE: u8 = 0b0101_0101;
+
+/// Repacks a TQ2_0 tensor into the runtime layout without going through one byte per weight.
+///
+/// The 32 bytes of each half of a TQ2_0 block hold the same 128 weights as a runtime block
+/// (weight `32 l + m` in byte `m`, codes `t + 1`), only with the four 2-bit fields of each byte
+/// in the opposite order, so each byte is mirrored pairwise.
+pub fn repack_tq2_0(data: &[u8], rows: usize, cols: usize) -> Result<RepackedTq> {
+    repack(data, rows, cols, TQ2_0_BYTES, |block, out| {
+        for (o, &b) in out.iter_mut().zip(&block[..64]) {
+            if b & (b >> 1) & ZERO_BYTE != 0 {
+                return Err("the unused code 3");
+            }
+            *o = (b << 6) | ((b << 2) & 0b0011_0000) | ((b >> 2) & 0b0000_1100) | (b >> 6);
+        }
+        Ok(f16::from_le_bytes([block[64], block[65]]).to_f32())
+    })
+}
+
+/// Repacks a TQ1_0 tensor into the runtime layout, one block of 256 weights at a time.
+pub fn repack_tq1_0(data: &[u8], rows: usize, cols: usize) -> Result<RepackedTq> {
+    repack(data, rows, cols, TQ1_0_BYTES, |block, out| {
+        out.fill(0);
+        for k in 0..TQ_BLOCK {
+            let (byte, n) = tq1_position(k);
+            // The trit is the code `t + 1` already.
+            let c = trit(block[byte], n);
+            let (half, lane, j) = (k / BLOCK_ELEMS, (k % BLOCK_ELEMS) / 32, k % 32);
+            out[half * BLOCK_BYTES + j] |= c << (6 - 2 * lane);
+        }
+        Ok(f16::from_le_bytes([block[52], block[53]]).to_f32())
+    })
+}
+
+/// Shared driver of the repackers: `block_to_runtime` turns one stored block into the 64
+/// runtime bytes of its 256 weights and returns its scale, or says what is wrong with it.
+/// Row groups are independent, so they are repacked in parallel.
+fn repack(
+    data: &[u8],
+    rows: usize,
+    cols: usize,
+    block_bytes: usize,
+    block_to_runtime: impl Fn(&[u8], &mut [u8]) -> std::result::Result<f32, &'static str> + Sync,
+) -> Result<RepackedTq> {
+    let blocks = check_shape(data.len(), rows, cols, block_bytes)?;
+    let per_row = cols / TQ_BLOCK;
+    let row_bytes = TernaryMatrix::blocks_per_row(cols) * BLOCK_BYTES;
+    let mut buf = AlignedBuffer::zeroed(TernaryMatrix::padded_rows(rows) * row_bytes);
+    buf.as_mut_bytes().fill(ZERO_BYTE);
+    let mut scales = vec![0f32; blocks];
+    let mut nonzero = vec![false; blocks];
+    let group_blocks = (ROW_GROUP * per_row).max(1);
+    buf.as_mut_bytes()
+        .par_chunks_mut((ROW_GROUP * row_bytes).max(1))
+        .zip(scales.par_chunks_mut(group_blocks))
+        .zip(nonzero.par_chunks_mut(group_blocks))
+        .enumerate()
+        .try_for_each(|(g, ((group, scales), nonzero))| {
+            let mut pair = [0u8; RUNTIME_PAIR];
+            for (i, (scales, nonzero)) in scales
+                .chunks_mut(per_row)
+                .zip(nonzero.chunks_mut(per_row))
+                .enumerate()
+            {
+                let r = g * ROW_GROUP + i;
+                for b in 0..per_row {
+                    let at = (r * per_row + b) * block_bytes;
+                    let block = &data[at..at + block_bytes];
+                    scales[b] = block_to_runtime(block, &mut pair).map_err(|what| {
+                        Error::InvalidInput(format!(
+                            "block {} (row {r}) holds {what}",
+                            r * per_row + b
+                        ))
+                    })?;
+                    nonzero[b] = pair.iter().any(|&v| v != ZERO_BYTE);
+                    for (h, half) in pair.chunks_exact(BLOCK_BYTES).enumerate() {
+                        let o = block_offset(row_bytes, i, 2 * b + h);
+                        group[o..o + BLOCK_BYTES].copy_from_slice(half);
+                    }
+                }
+            }
+            Ok::<(), Error>(())
+        })?;
+    Ok(RepackedTq {
+        matrix: TernaryMatrix::from_storage(Storage::heap(buf), rows, cols)?,
+        scales,
+        nonzero,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +344,54 @@ mod tests {
         assert_eq!(&bytes[64..66], &f16::from_f32(0.5).to_le_bytes());
         assert!(decode_tq2_0(&bytes[..65], 1, 256).is_err());
         assert!(decode_tq2_0(&bytes, 1, 128).is_err());
+    }
+
+    /// The repacked matrix holds the decoded codes, with the same scales.
+    fn check_repack(r: &RepackedTq, d: &BlockTernary) {
+        assert_eq!(r.matrix.to_codes(), d.codes);
+        assert_eq!(r.scales, d.scales);
+        let nz: Vec<bool> = d
+            .codes
+            .chunks_exact(TQ_BLOCK)
+            .map(|c| c.iter().any(|&v| v != 0))
+            .collect();
+        assert_eq!(r.nonzero, nz);
+    }
+
+    #[test]
+    fn repacking_equals_decoding() {
+        for (rows, blocks) in [(1, 1), (3, 2), (5, 1), (8, 3)] {
+            let cols = blocks * TQ_BLOCK;
+            let mut s = (rows * 31 + blocks) as u64;
+            let mut codes: Vec<i8> = (0..rows * cols)
+                .map(|_| {
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    ((s >> 33) % 3) as i8 - 1
+                })
+                .collect();
+            // One all-zero block, whose scale must not count.
+            codes[..TQ_BLOCK].fill(0);
+            let scales: Vec<f32> = (0..rows * blocks).map(|i| 0.5 + i as f32).collect();
+            let tq2 = encode_tq2_0(&codes, &scales, rows, cols).unwrap();
+            check_repack(
+                &repack_tq2_0(&tq2, rows, cols).unwrap(),
+                &decode_tq2_0(&tq2, rows, cols).unwrap(),
+            );
+            let tq1 = encode_tq1_0(&codes, &scales, rows, cols).unwrap();
+            check_repack(
+                &repack_tq1_0(&tq1, rows, cols).unwrap(),
+                &decode_tq1_0(&tq1, rows, cols).unwrap(),
+            );
+        }
+        // Code 3 is refused, naming the block; so are bad shapes.
+        let mut tq2 = encode_tq2_0(&[0i8; 512], &[1.0, 1.0], 1, 512).unwrap();
+        tq2[66 + 5] = 0b11;
+        let e = repack_tq2_0(&tq2, 1, 512).unwrap_err().to_string();
+        assert!(e.contains("block 1") && e.contains("code 3"), "{e}");
+        assert!(repack_tq2_0(&tq2[..65], 1, 256).is_err());
+        assert!(repack_tq1_0(&tq2, 1, 128).is_err());
     }
 
     proptest! {

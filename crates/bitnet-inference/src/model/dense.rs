@@ -2,6 +2,7 @@
 
 use bitnet_core::{DType, Storage};
 use bitnet_quant::kernels::{combine_sums, Kernels, DOT_SUMS};
+use bitnet_quant::q8_0::quantize_q8_0_activations;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
@@ -209,8 +210,7 @@ impl DenseMatrix {
                     return (kernels.dot_f16)(w, &x[..self.cols]);
                 }
             }
-            DenseFormat::Q8_0 => return (kernels.dot_q8_0)(self.row(r), &x[..self.cols]),
-            DenseFormat::F32 | DenseFormat::BF16 => {}
+            DenseFormat::Q8_0 | DenseFormat::F32 | DenseFormat::BF16 => {}
         }
         let mut acc = [0f32; DOT_SUMS];
         let mut buf = [0f32; DECODE_CHUNK];
@@ -282,16 +282,48 @@ impl DenseMatrix {
     }
 
     /// `out[r] = row_r . x` for every row, in parallel over rows.
+    ///
+    /// A Q8_0 matrix multiplies `x` quantized to int8 blocks of 32 (one f32 scale each, see
+    /// [`quantize_q8_0_activations`]), so the kernel multiplies bytes rather than widening every
+    /// weight to f32: its logits differ from the f32 product by that rounding too (measured in
+    /// the README). The quantized row lives on the stack for rows up to
+    /// [`Q8_STACK_VALUES`] values.
     pub fn matvec(&self, kernels: &Kernels, x: &[f32], out: &mut [f32]) {
+        if self.format != DenseFormat::Q8_0 {
+            out.par_chunks_mut(HEAD_ROWS_PER_TASK)
+                .enumerate()
+                .for_each(|(i, o)| {
+                    for (j, v) in o.iter_mut().enumerate() {
+                        *v = self.dot(kernels, i * HEAD_ROWS_PER_TASK + j, x);
+                    }
+                });
+            return;
+        }
+        let n = self.cols;
+        let (mut q_stack, mut d_stack) = ([0i8; Q8_STACK_VALUES], [0f32; Q8_STACK_VALUES / 32]);
+        let (mut q_heap, mut d_heap) = (Vec::new(), Vec::new());
+        let (xq, xd) = if n <= Q8_STACK_VALUES {
+            (&mut q_stack[..n], &mut d_stack[..n / Q8_0_BLOCK])
+        } else {
+            q_heap.resize(n, 0);
+            d_heap.resize(n / Q8_0_BLOCK, 0.0);
+            (&mut q_heap[..], &mut d_heap[..])
+        };
+        quantize_q8_0_activations(&x[..n], xq, xd);
+        let (xq, xd) = (&*xq, &*xd);
         out.par_chunks_mut(HEAD_ROWS_PER_TASK)
             .enumerate()
             .for_each(|(i, o)| {
                 for (j, v) in o.iter_mut().enumerate() {
-                    *v = self.dot(kernels, i * HEAD_ROWS_PER_TASK + j, x);
+                    *v = (kernels.dot_q8_0)(self.row(i * HEAD_ROWS_PER_TASK + j), xq, xd);
                 }
             });
     }
 }
+
+/// Longest row whose quantized activations [`DenseMatrix::matvec`] keeps on the stack (16 KB
+/// of int8 values; every released BitNet model's hidden size fits).
+const Q8_STACK_VALUES: usize = 16384;
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 //! section 4).
 
 use bitnet_quant::i2s::{decode_i2s, I2sLayout};
-use bitnet_quant::tq::{decode_tq1_0, decode_tq2_0, BlockTernary, TQ_BLOCK};
+use bitnet_quant::tq::{repack_tq1_0, repack_tq2_0, RepackedTq, TQ_BLOCK};
 use bitnet_quant::{quantize_weights, BitLinear, BlockScales, TernaryMatrix, WeightScale};
 use rayon::prelude::*;
 
@@ -202,14 +202,10 @@ fn dense(g: &GgufFile, name: &str, rows: usize, cols: usize) -> Result<DenseMatr
 
 /// Ternary weights with block scales: one per-tensor scale when every block that holds a
 /// non-zero weight has the same step (files converted from BitNet models), else per block.
-fn block_ternary_linear(bt: BlockTernary, rows: usize, cols: usize) -> Result<BitLinear> {
-    let m = TernaryMatrix::from_codes(&bt.codes, rows, cols)?;
+fn block_ternary_linear(tq: RepackedTq) -> Result<BitLinear> {
     let mut step = None;
     let mut uniform = true;
-    for (codes, &d) in bt.codes.chunks_exact(TQ_BLOCK).zip(&bt.scales) {
-        if codes.iter().all(|&c| c == 0) {
-            continue;
-        }
+    for (&d, _) in tq.scales.iter().zip(&tq.nonzero).filter(|(_, &nz)| nz) {
         match step {
             None => step = Some(d),
             Some(s) if s.to_bits() == d.to_bits() => {}
@@ -217,13 +213,16 @@ fn block_ternary_linear(bt: BlockTernary, rows: usize, cols: usize) -> Result<Bi
         }
     }
     if uniform {
-        return Ok(BitLinear::new(m, WeightScale::Direct(step.unwrap_or(0.0))));
+        return Ok(BitLinear::new(
+            tq.matrix,
+            WeightScale::Direct(step.unwrap_or(0.0)),
+        ));
     }
     BitLinear::with_block_scales(
-        m,
+        tq.matrix,
         BlockScales {
             block: TQ_BLOCK,
-            scales: bt.scales,
+            scales: tq.scales,
         },
     )
 }
@@ -263,16 +262,12 @@ fn linear(
     let t = tensor(g, name, cols, Some(rows))?;
     let named = |e: Error| Error::InvalidInput(format!("tensor `{name}`: {e}"));
     match t.ggml_type {
-        GgmlType::TQ2_0 => block_ternary_linear(
-            decode_tq2_0(g.tensor_data(t), rows, cols).map_err(named)?,
-            rows,
-            cols,
-        ),
-        GgmlType::TQ1_0 => block_ternary_linear(
-            decode_tq1_0(g.tensor_data(t), rows, cols).map_err(named)?,
-            rows,
-            cols,
-        ),
+        GgmlType::TQ2_0 => {
+            block_ternary_linear(repack_tq2_0(g.tensor_data(t), rows, cols).map_err(named)?)
+        }
+        GgmlType::TQ1_0 => {
+            block_ternary_linear(repack_tq1_0(g.tensor_data(t), rows, cols).map_err(named)?)
+        }
         GgmlType::I2_S => {
             let scale = g.i2s_scale(t)?;
             if !(scale.is_finite() && scale >= 0.0) {
@@ -370,20 +365,16 @@ mod tests {
 
     #[test]
     fn uneven_block_scales_stay_per_block() {
-        let codes = vec![1i8; 512];
-        let bt = BlockTernary {
-            codes: codes.clone(),
-            scales: vec![0.5, 0.25],
+        let tq = |codes: &[i8], scales: &[f32]| {
+            let bytes = bitnet_quant::tq::encode_tq2_0(codes, scales, 1, 512).unwrap();
+            repack_tq2_0(&bytes, 1, 512).unwrap()
         };
-        let l = block_ternary_linear(bt, 1, 512).unwrap();
+        let codes = vec![1i8; 512];
+        let l = block_ternary_linear(tq(&codes, &[0.5, 0.25])).unwrap();
         assert!(l.block_scales().is_some());
         let mut zero_block = codes;
         zero_block[256..].fill(0);
-        let bt = BlockTernary {
-            codes: zero_block,
-            scales: vec![0.5, 0.0],
-        };
-        let l = block_ternary_linear(bt, 1, 512).unwrap();
+        let l = block_ternary_linear(tq(&zero_block, &[0.5, 0.0])).unwrap();
         assert_eq!(l.scale(), WeightScale::Direct(0.5));
     }
 }

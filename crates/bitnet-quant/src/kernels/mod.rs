@@ -63,13 +63,28 @@ pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usi
 /// one vector's add latency would otherwise serialise.)
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
-/// `sum_k w[k] * x[k]` for a row `w` of ggml Q8_0 blocks (f16 `d`, 32 int8 `q`; `w[k] =
-/// d * q[k]`, exact in f32), over `min(blocks * 32, x.len())` values, in the summation order of
-/// [`DotF16Fn`].
-pub type DotQ8_0Fn = fn(row: &[u8], x: &[f32]) -> f32;
+/// The dot product of a row of ggml Q8_0 blocks (f16 `d_w`, 32 int8 `q_w`) with activations
+/// quantized the same way ([`crate::q8_0::quantize_q8_0_activations`]: int8 `xq` in
+/// `[-127, 127]`, one f32 scale `xd[b]` per block), over `min(blocks, xd.len())` blocks.
+///
+/// The order is part of the contract: in block `b`, each group of four products `j` (values
+/// `4j..4j + 4`) is summed exactly in i32, converted to f32, multiplied by `d_w * xd[b]`
+/// (rounded once) and added to running sum `8 * (b mod 2) + j`; the 16 sums are combined as
+/// `a_j = s_j + s_{8+j}`, then `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`.
+pub type DotQ8_0Fn = fn(row: &[u8], xq: &[i8], xd: &[f32]) -> f32;
 
-/// Running sums of the dense dot products ([`DotF16Fn`], [`DotQ8_0Fn`]).
+/// Running sums of the f16 dot product ([`DotF16Fn`]).
 pub const DOT_SUMS: usize = 32;
+
+/// Running sums of the Q8_0 dot product ([`DotQ8_0Fn`]).
+pub const Q8_DOT_SUMS: usize = 16;
+
+/// The fixed combination of the [`Q8_DOT_SUMS`] running sums (see [`DotQ8_0Fn`]).
+#[inline]
+pub fn combine_q8_sums(s: &[f32; Q8_DOT_SUMS]) -> f32 {
+    let a: [f32; 8] = std::array::from_fn(|j| s[j] + s[8 + j]);
+    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+}
 
 /// The fixed combination of the [`DOT_SUMS`] running sums: the four groups of eight are added
 /// element-wise as `(s0 + s1) + (s2 + s3)`, then the eight results as
@@ -203,34 +218,44 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        for blocks in [0usize, 1, 2, 7, 80] {
-            let mut row = Vec::new();
-            for _ in 0..blocks {
-                row.extend_from_slice(
-                    &half::f16::from_f32((next() % 1000) as f32 * 1e-4).to_le_bytes(),
-                );
-                row.extend((0..32).map(|_| next() as u8));
-            }
-            let x: Vec<f32> = (0..blocks * 32)
-                .map(|_| (next() % 2001) as f32 / 100.0 - 10.0)
-                .collect();
-            let want = scalar::dot_q8_0(&row, &x);
-            // Hand-computed reference for the value, the kernels for the bits.
-            let exact: f64 = (0..blocks * 32)
-                .map(|k| {
-                    let b = &row[k / 32 * 34..];
-                    let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
-                    d * (b[2 + k % 32] as i8) as f64 * x[k] as f64
-                })
-                .sum();
-            assert!((want as f64 - exact).abs() <= 1e-3 * (1.0 + exact.abs()));
-            for k in Kernels::available() {
-                assert_eq!(
-                    (k.dot_q8_0)(&row, &x).to_bits(),
-                    want.to_bits(),
-                    "{} {blocks}",
-                    k.name
-                );
+        for blocks in [0usize, 1, 2, 3, 7, 80] {
+            for extreme in [false, true] {
+                let mut row = Vec::new();
+                for _ in 0..blocks {
+                    row.extend_from_slice(
+                        &half::f16::from_f32((next() % 1000) as f32 * 1e-4).to_le_bytes(),
+                    );
+                    // -128 is a valid stored byte even though ggml's quantizer never writes it.
+                    row.extend((0..32).map(|_| if extreme { 0x80 } else { next() as u8 }));
+                }
+                let xq: Vec<i8> = (0..blocks * 32)
+                    .map(|_| {
+                        if extreme {
+                            -127
+                        } else {
+                            ((next() % 255) as i32 - 127) as i8
+                        }
+                    })
+                    .collect();
+                let xd: Vec<f32> = (0..blocks).map(|_| (next() % 997) as f32 * 1e-3).collect();
+                let want = scalar::dot_q8_0(&row, &xq, &xd);
+                // The value against f64 arithmetic, the kernels for the bits.
+                let exact: f64 = (0..blocks * 32)
+                    .map(|k| {
+                        let b = &row[k / 32 * 34..];
+                        let d = half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
+                        d * (b[2 + k % 32] as i8) as f64 * xq[k] as f64 * xd[k / 32] as f64
+                    })
+                    .sum();
+                assert!((want as f64 - exact).abs() <= 1e-4 * (1.0 + exact.abs()));
+                for k in Kernels::available() {
+                    assert_eq!(
+                        (k.dot_q8_0)(&row, &xq, &xd).to_bits(),
+                        want.to_bits(),
+                        "{} {blocks} extreme={extreme}",
+                        k.name
+                    );
+                }
             }
         }
     }

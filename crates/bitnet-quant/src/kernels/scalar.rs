@@ -1,6 +1,6 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
-use super::{combine_sums, DOT_SUMS};
+use super::{combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
 
 /// Exact dot product of row `r` of the runtime-layout matrix `w` (`row_bytes` per row) with
@@ -55,17 +55,24 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     combine_sums(&acc)
 }
 
-/// Reference Q8_0 x f32 dot product; see [`super::DotQ8_0Fn`].
-pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-    let mut acc = [0f32; DOT_SUMS];
-    for (blk, xs) in row.chunks_exact(34).zip(x.chunks(32)) {
-        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        // Blocks are 32 = DOT_SUMS values long, so value `j` of any block goes to sum `j`.
-        for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
-            acc[j] += (d * (q as i8) as f32) * xv;
+/// Reference Q8_0 x Q8_0-activation dot product; see [`super::DotQ8_0Fn`] for the order.
+pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = [0f32; Q8_DOT_SUMS];
+    for (b, ((blk, xs), &dx)) in row
+        .chunks_exact(34)
+        .zip(xq.chunks_exact(32))
+        .zip(xd)
+        .enumerate()
+    {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32() * dx;
+        for j in 0..8 {
+            let s: i32 = (4 * j..4 * j + 4)
+                .map(|i| (blk[2 + i] as i8) as i32 * xs[i] as i32)
+                .sum();
+            acc[(b % 2) * 8 + j] += d * s as f32;
         }
     }
-    combine_sums(&acc)
+    combine_q8_sums(&acc)
 }
 
 #[cfg(test)]

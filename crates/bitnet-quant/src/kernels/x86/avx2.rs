@@ -34,7 +34,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{checked_rows, combine_sums, scalar, DOT_SUMS};
+use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
@@ -360,45 +360,50 @@ unsafe fn store_sums(acc: &[__m256; 4]) -> [f32; DOT_SUMS] {
     sums
 }
 
-/// Q8_0 x f32 dot product; falls back to the scalar kernel without AVX2. Same order as
-/// [`crate::kernels::scalar::dot_q8_0`] (lane `j` of vector `v` is running sum `8 v + j`, no
-/// FMA).
-pub fn dot_q8_0(row: &[u8], x: &[f32]) -> f32 {
-    if !is_x86_feature_detected!("avx2") {
-        return scalar::dot_q8_0(row, x);
+/// Q8_0 x Q8_0-activation dot product; falls back to the scalar kernel without AVX2 and F16C.
+/// Same order as [`crate::kernels::scalar::dot_q8_0`]: lane `j` of accumulator `b mod 2` is
+/// running sum `8 (b mod 2) + j`, multiply and add rounded separately (no FMA).
+pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        return scalar::dot_q8_0(row, xq, xd);
     }
-    let blocks = (row.len() / 34).min(x.len() / 32);
-    // SAFETY: AVX2 was just detected; `dot_q8_0_avx2` reads `blocks` whole blocks of `row`
-    // and `blocks * 32` values of `x`, both inside their slices by the line above.
-    let mut sums = unsafe { dot_q8_0_avx2(row, x, blocks) };
-    // A partial last block (x shorter than the row): the scalar order, value `j` to sum `j`.
-    if let (Some(blk), Some(xs)) = (row.get(blocks * 34..blocks * 34 + 34), x.get(blocks * 32..)) {
-        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-        for (j, (&q, xv)) in blk[2..].iter().zip(xs).enumerate() {
-            sums[j] += (d * (q as i8) as f32) * xv;
-        }
-    }
-    combine_sums(&sums)
+    let blocks = (row.len() / 34).min(xq.len() / 32).min(xd.len());
+    // SAFETY: AVX2 and F16C were just detected; `dot_q8_0_avx2` reads `blocks` whole blocks of
+    // `row`, `blocks * 32` values of `xq` and `blocks` of `xd`, inside the slices by the line
+    // above.
+    let sums = unsafe { dot_q8_0_avx2(row, xq, xd, blocks) };
+    combine_q8_sums(&sums)
 }
 
-#[target_feature(enable = "avx2")]
-unsafe fn dot_q8_0_avx2(row: &[u8], x: &[f32], blocks: usize) -> [f32; DOT_SUMS] {
-    let mut acc = [_mm256_setzero_ps(); 4];
+/// The products of one block: `|w|` times `x` with the sign of `w` is `w * x`, which
+/// `vpmaddubsw` (unsigned by signed bytes) can form; a pair of them is at most `2 * 128 * 127`,
+/// so no i16 lane saturates, and `x` is never -128, whose sign cannot be flipped.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_q8_0_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f32; Q8_DOT_SUMS] {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); 2];
     for b in 0..blocks {
-        let blk = &row[b * 34..b * 34 + 34];
-        let d = _mm256_set1_ps(half::f16::from_le_bytes([blk[0], blk[1]]).to_f32());
-        for (g, a) in acc.iter_mut().enumerate() {
-            // SAFETY: bytes 2 + 8g .. 2 + 8g + 8 lie inside the 34-byte block, and the 8 x
-            // values at b*32 + 8g lie inside `x` (b < blocks <= x.len() / 32).
-            let (q, xv) = unsafe {
-                (
-                    _mm_loadl_epi64(blk.as_ptr().add(2 + 8 * g) as *const __m128i),
-                    _mm256_loadu_ps(x.as_ptr().add(b * 32 + 8 * g)),
-                )
-            };
-            let w = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)));
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(w, xv));
-        }
+        // SAFETY: block `b < blocks` of `row` (34 bytes from b * 34) and values b * 32.. of
+        // `xq` lie inside the slices, and `b < xd.len()`.
+        let (d_w, w, x, d_x) = unsafe {
+            let blk = row.as_ptr().add(b * 34);
+            let bits = u16::from_le_bytes([*blk, *blk.add(1)]);
+            (
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))),
+                _mm256_loadu_si256(blk.add(2) as *const __m256i),
+                _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i),
+                *xd.get_unchecked(b),
+            )
+        };
+        let d = _mm256_set1_ps(d_w * d_x);
+        let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+        let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
+        acc[b % 2] = _mm256_add_ps(acc[b % 2], _mm256_mul_ps(d, p32));
     }
-    store_sums(&acc)
+    let mut sums = [0f32; Q8_DOT_SUMS];
+    for (v, a) in acc.iter().enumerate() {
+        // SAFETY: `sums[8 v..8 v + 8]` is 8 f32 inside the array.
+        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *a) };
+    }
+    sums
 }
