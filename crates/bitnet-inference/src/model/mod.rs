@@ -332,6 +332,8 @@ impl Model {
         let groups = rayon::current_num_threads() * ATTENTION_GROUPS_PER_THREAD;
         let wide = h.max(qd).max(f);
         let kpad = bitnet_quant::TernaryMatrix::padded_cols(wide);
+        // Integer sums of the widest step: q, k and v together, or gate and up together.
+        let acc_width = wide.max(qd + 2 * kvd).max(2 * f);
         let ([x, nb, q, k, v, att, proj, gate, up, scores, sx, rope], [xq], [acc]) = scratch.carve(
             [
                 t_all * h,
@@ -348,7 +350,7 @@ impl Model {
                 t_all * hd,
             ],
             [t_all * kpad],
-            [t_all * wide],
+            [t_all * acc_width],
         );
 
         // Embeddings and the RoPE angles of every new position (shared by all layers).
@@ -373,15 +375,21 @@ impl Model {
             // Attention block.
             norm_quantize(x, h, &layer.attn_norm, eps, nb, xq, sx, layer.q.padded_in());
             let xk = &xq[..t_all * layer.q.padded_in()];
-            layer
-                .q
-                .forward_quantized(kern, xk, sx, &mut acc[..t_all * qd], q);
-            layer
-                .k
-                .forward_quantized(kern, xk, sx, &mut acc[..t_all * kvd], k);
-            layer
-                .v
-                .forward_quantized(kern, xk, sx, &mut acc[..t_all * kvd], v);
+            // q, k and v read the same input: one parallel region for the three (a region
+            // costs a wake-up of the other workers, a few hundred of them per token).
+            let (acc_q, rest) = acc.split_at_mut(t_all * qd);
+            let (acc_k, rest) = rest.split_at_mut(t_all * kvd);
+            let acc_v = &mut rest[..t_all * kvd];
+            let sx_all = &*sx;
+            rayon::join(
+                || layer.q.forward_quantized(kern, xk, sx_all, acc_q, q),
+                || {
+                    rayon::join(
+                        || layer.k.forward_quantized(kern, xk, sx_all, acc_k, k),
+                        || layer.v.forward_quantized(kern, xk, sx_all, acc_v, v),
+                    )
+                },
+            );
 
             let mut t0 = 0;
             for step in batch.iter_mut() {
@@ -463,12 +471,13 @@ impl Model {
                 layer.gate.padded_in(),
             );
             let xk = &xq[..t_all * layer.gate.padded_in()];
-            layer
-                .gate
-                .forward_quantized(kern, xk, sx, &mut acc[..t_all * f], gate);
-            layer
-                .up
-                .forward_quantized(kern, xk, sx, &mut acc[..t_all * f], up);
+            let (acc_g, rest) = acc.split_at_mut(t_all * f);
+            let acc_u = &mut rest[..t_all * f];
+            let sx_all = &*sx;
+            rayon::join(
+                || layer.gate.forward_quantized(kern, xk, sx_all, acc_g, gate),
+                || layer.up.forward_quantized(kern, xk, sx_all, acc_u, up),
+            );
             match cfg.activation {
                 Activation::Relu2 => gate.iter_mut().zip(up.iter()).for_each(|(g, &u)| {
                     let r = g.max(0.0);
@@ -558,6 +567,19 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
+/// `sum_k a[k] * b[k]` with eight running sums (sum `j` takes `k = j mod 8`), so the compiler
+/// can keep them in one vector register; a single running sum forces one addition at a time.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (a8, b8) in ac.zip(bc) {
+        for j in 0..8 {
+            acc[j] += a8[j] * b8[j];
+        }
+    }
+    for (j, (x, y)) in ar.iter().zip(br).enumerate() {
+        acc[j] += x * y;
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
