@@ -6,11 +6,13 @@
 //! - [`ScratchArena`]: the reusable working memory of a forward pass.
 //! - [`CpuFeatures`]: what the CPU can do, detected once.
 //! - [`Error`]: the one error type of the libraries.
+//! - [`heap`]: allocator tuning for programs that churn through large buffers (training).
 
 mod arena;
 mod cpu;
 mod dtype;
 mod error;
+pub mod heap;
 mod shape;
 mod storage;
 mod threads;
