@@ -332,5 +332,32 @@ mod tests {
             scales: vec![1.0; 3],
         };
         assert!(BitLinear::with_block_scales(w, bad).is_err());
+
+        // Six rows (a whole row group and part of the next), a scale per row and block.
+        let (rows, cols) = (6, 256);
+        let codes: Vec<i8> = (0..rows * cols).map(|i| (i * 5 % 3) as i8 - 1).collect();
+        let scales: Vec<f32> = (0..rows * 2).map(|i| [0.5, 0.25, 2.0][i % 3]).collect();
+        let w = TernaryMatrix::from_codes(&codes, rows, cols).unwrap();
+        let bs = BlockScales {
+            block: 128,
+            scales: scales.clone(),
+        };
+        let layer = BitLinear::with_block_scales(w, bs).unwrap();
+        let mut x: Vec<f32> = (0..cols).map(|k| (k % 7) as f32 - 3.0).collect();
+        x[5] = 127.0; // s_x = 1: the integer sums scale exactly
+        for kernels in Kernels::available() {
+            let (_, _, y) = layer.forward_f32(kernels, &x);
+            for r in 0..rows {
+                let want: f32 = (0..2)
+                    .map(|b| {
+                        let s: i32 = (b * 128..(b + 1) * 128)
+                            .map(|k| codes[r * cols + k] as i32 * x[k] as i32)
+                            .sum();
+                        s as f32 * scales[r * 2 + b]
+                    })
+                    .sum();
+                assert_eq!(y[r], want, "{} row {r}", kernels.name);
+            }
+        }
     }
 }
