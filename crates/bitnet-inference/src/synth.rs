@@ -32,10 +32,7 @@ use std::path::{Path, PathBuf};
 use bitnet_core::{AlignedBuffer, Storage};
 use bitnet_quant::i2s::I2sLayout;
 use bitnet_quant::tq::TQ_BLOCK;
-use bitnet_quant::{
-    block_offset, hf_packed, BitLinear, TernaryMatrix, WeightScale, BLOCK_BYTES, BLOCK_ELEMS,
-    ROW_GROUP,
-};
+use bitnet_quant::{hf_packed, BitLinear, TernaryMatrix, WeightScale, BLOCK_BYTES, BLOCK_ELEMS};
 use half::{bf16, f16};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
@@ -502,61 +499,52 @@ fn valid_code_bytes() -> [u8; 81] {
     out
 }
 
-/// A `[rows, cols]` ternary matrix with codes -1, 0, 1 equally likely, written straight into
-/// the runtime layout (4 weights per random byte; no intermediate code array). Row `r` takes
-/// its bytes, block after block, from its own random stream, so the codes do not depend on the
-/// layout's row groups.
+/// A `[rows, cols]` ternary matrix with codes -1, 0, 1 equally likely, drawn as layout bytes
+/// (4 weights per random byte; no intermediate code array), one row after the other from the
+/// row's own random stream, then regrouped into the runtime layout.
 fn random_ternary(seed: u64, rows: usize, cols: usize) -> Result<TernaryMatrix> {
     let blocks = TernaryMatrix::blocks_per_row(cols);
     let row_bytes = blocks * BLOCK_BYTES;
     let valid = valid_code_bytes();
-    let padded = TernaryMatrix::padded_rows(rows);
-    let mut buf = AlignedBuffer::zeroed(padded * row_bytes);
-    // Code 1 (weight 0) everywhere first: the padding rows of the last group keep it.
-    buf.as_mut_bytes().fill(0b0101_0101);
+    let mut bytes = vec![0u8; rows * row_bytes];
     let tail = cols % BLOCK_ELEMS;
-    buf.as_mut_bytes()
-        .par_chunks_mut(ROW_GROUP * row_bytes)
+    bytes
+        .par_chunks_mut(row_bytes.max(1))
         .enumerate()
-        .for_each(|(g, group)| {
-            for i in 0..ROW_GROUP.min(rows - g * ROW_GROUP) {
-                let mut rng = stream(seed, (g * ROW_GROUP + i) as u64);
-                let mut word = 0u64;
-                let mut left = 0;
-                for b in 0..blocks {
-                    let at = block_offset(row_bytes, i, b);
-                    let block = &mut group[at..at + BLOCK_BYTES];
-                    for byte in block.iter_mut() {
-                        // Rejection sampling: a byte below 243 = 3 * 81 picks one of the 81
-                        // valid bytes uniformly.
-                        *byte = loop {
-                            if left == 0 {
-                                word = rng.next();
-                                left = 8;
-                            }
-                            let v = (word & 0xff) as usize;
-                            word >>= 8;
-                            left -= 1;
-                            if v < 243 {
-                                break valid[v % 81];
-                            }
-                        };
+        .for_each(|(r, row)| {
+            let mut rng = stream(seed, r as u64);
+            let mut word = 0u64;
+            let mut left = 0;
+            for byte in row.iter_mut() {
+                // Rejection sampling: a byte below 243 = 3 * 81 picks one of the 81 valid bytes
+                // uniformly.
+                *byte = loop {
+                    if left == 0 {
+                        word = rng.next();
+                        left = 8;
                     }
-                    if tail != 0 && b == blocks - 1 {
-                        // Elements past `cols` in the last block are padding: weight 0 (01).
-                        for (j, byte) in block.iter_mut().enumerate() {
-                            for lane in 0..4 {
-                                if lane * 32 + j >= tail {
-                                    let shift = 6 - 2 * lane;
-                                    *byte = (*byte & !(3 << shift)) | (1 << shift);
-                                }
-                            }
+                    let b = (word & 0xff) as usize;
+                    word >>= 8;
+                    left -= 1;
+                    if b < 243 {
+                        break valid[b % 81];
+                    }
+                };
+            }
+            if tail != 0 {
+                // Elements past `cols` in the last block are padding: weight 0 (bits 01).
+                let last = &mut row[(blocks - 1) * BLOCK_BYTES..];
+                for (j, byte) in last.iter_mut().enumerate() {
+                    for lane in 0..4 {
+                        if lane * 32 + j >= tail {
+                            let shift = 6 - 2 * lane;
+                            *byte = (*byte & !(3 << shift)) | (1 << shift);
                         }
                     }
                 }
             }
         });
-    TernaryMatrix::from_storage(Storage::heap(buf), rows, cols)
+    TernaryMatrix::from_row_major(&bytes, rows, cols)
 }
 
 /// Largest `|k|` of the embedding values `k / 4096`.
@@ -1174,7 +1162,7 @@ impl safetensors::View for LazyTensor<'_> {
                     .for_each(|(r, o)| {
                         let mut codes = vec![0i8; 4 * cols];
                         for (i, dst) in codes.chunks_exact_mut((*cols).max(1)).enumerate() {
-                            row_codes(w, i * quarter + r, dst);
+                            w.row_codes(i * quarter + r, dst);
                         }
                         // Codes read from a ternary matrix are always valid.
                         if let Ok(p) = hf_packed::pack(&codes, 4, *cols) {
@@ -1191,18 +1179,6 @@ impl safetensors::View for LazyTensor<'_> {
         match self {
             LazyTensor::Packed(..) => n,
             _ => 2 * n,
-        }
-    }
-}
-
-/// The codes of row `r` of `w` (`out.len() == w.cols()`), read block by block from the
-/// runtime layout (the same as [`TernaryMatrix::get`] for every element, but much faster).
-fn row_codes(w: &TernaryMatrix, r: usize, out: &mut [i8]) {
-    for (b, codes) in out.chunks_mut(BLOCK_ELEMS).enumerate() {
-        let block = w.block(r, b);
-        for (k, c) in codes.iter_mut().enumerate() {
-            let (byte, shift) = (k % 32, 6 - 2 * (k / 32));
-            *c = ((block[byte] >> shift) & 3) as i8 - 1;
         }
     }
 }
@@ -1372,7 +1348,7 @@ mod tests {
             assert_eq!(again.bytes(), m.bytes(), "cols {cols}");
             let mut row = vec![0i8; cols];
             for r in 0..5 {
-                row_codes(&m, r, &mut row);
+                m.row_codes(r, &mut row);
                 assert_eq!(row, codes[r * cols..(r + 1) * cols], "cols {cols}");
             }
         }

@@ -12,7 +12,7 @@ use std::hint::black_box;
 
 use bitnet_core::{AlignedBuffer, Storage};
 use bitnet_quant::kernels::Kernels;
-use bitnet_quant::TernaryMatrix;
+use bitnet_quant::{holds_code_3, TernaryMatrix, BLOCK_BYTES};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -122,10 +122,9 @@ const LAYER_SHAPES: [(usize, usize); 7] = [
 /// A matrix of random valid code bytes written straight into the runtime layout (building
 /// half a gigabyte of matrices from one code per byte would take most of the bench's time).
 fn random_matrix(rows: usize, cols: usize, seed: &mut u64) -> TernaryMatrix {
-    let valid: Vec<u8> = (0..=255u8)
-        .filter(|b| (0..4).all(|i| (b >> (2 * i)) & 3 != 3))
-        .collect();
-    let bytes = TernaryMatrix::padded_rows(rows) * TernaryMatrix::blocks_per_row(cols) * 32;
+    let valid: Vec<u8> = (0..=255u8).filter(|&b| !holds_code_3(b)).collect();
+    let bytes =
+        TernaryMatrix::padded_rows(rows) * TernaryMatrix::blocks_per_row(cols) * BLOCK_BYTES;
     let mut buf = AlignedBuffer::zeroed(bytes);
     for b in buf.as_mut_bytes() {
         *b = valid[(lcg(seed) % valid.len() as u64) as usize];

@@ -209,7 +209,11 @@ impl BitLinear {
             .zip(xq.par_chunks(k))
             .zip(s_x.par_iter())
             .for_each(|((yt, x), &s)| {
-                for (g, yg) in yt.chunks_mut(ROW_GROUP).enumerate() {
+                for (g, (yg, scales)) in yt
+                    .chunks_mut(ROW_GROUP)
+                    .zip(bs.scales.chunks(ROW_GROUP * per_row))
+                    .enumerate()
+                {
                     let group = &w[g * group_bytes..(g + 1) * group_bytes];
                     let mut sums = [0f32; ROW_GROUP];
                     for b in 0..per_row {
@@ -219,12 +223,11 @@ impl BitLinear {
                             &group[at..at + ROW_GROUP * block_bytes],
                             block_bytes,
                             &x[b * bs.block..(b + 1) * bs.block],
-                            &mut acc,
+                            &mut acc[..yg.len()],
                         );
-                        for (i, (sum, &a)) in sums.iter_mut().zip(&acc).enumerate() {
-                            if let Some(&scale) = bs.scales.get((g * ROW_GROUP + i) * per_row + b) {
-                                *sum += a as f32 * scale;
-                            }
+                        // `scales` holds this group's rows only: the padding rows have none.
+                        for (i, (sum, &a)) in sums.iter_mut().zip(&acc[..yg.len()]).enumerate() {
+                            *sum += a as f32 * scales[i * per_row + b];
                         }
                     }
                     for (yo, sum) in yg.iter_mut().zip(sums) {

@@ -21,7 +21,9 @@ pub mod tq;
 pub use bitlinear::BlockScales;
 pub use bitlinear::{BitLinear, WeightScale};
 pub use quantize::{quantize_activations, quantize_weights, weight_scale};
-pub use ternary::{block_offset, TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
+pub use ternary::{
+    block_offset, holds_code_3, TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP, ZERO_BYTE,
+};
 
 /// Errors of the quantization layer are the workspace's one error type.
 pub use bitnet_core::{Error, Result};

@@ -26,6 +26,15 @@ pub const BLOCK_ELEMS: usize = 128;
 pub const BLOCK_BYTES: usize = 32;
 /// Rows whose blocks are stored interleaved (see the module docs).
 pub const ROW_GROUP: usize = 4;
+/// A layout byte holding four zero weights (code 1 in every field); also the mask of each
+/// field's low bit.
+pub const ZERO_BYTE: u8 = 0b0101_0101;
+
+/// Whether a layout byte holds the code 3, which no weight has (a corrupt or misread tensor).
+#[inline]
+pub fn holds_code_3(byte: u8) -> bool {
+    byte & (byte >> 1) & ZERO_BYTE != 0
+}
 
 /// Byte offset of block `b` of row `r` in a matrix of `row_bytes` bytes per row.
 #[inline]
@@ -43,7 +52,7 @@ pub struct TernaryMatrix {
 
 /// The code byte of weight `k` within its block, and the shift of its two bits.
 #[inline]
-fn position(k: usize) -> (usize, u32) {
+pub(crate) fn position(k: usize) -> (usize, u32) {
     let lane = k % BLOCK_ELEMS;
     (lane % 32, 6 - 2 * (lane / 32) as u32)
 }
@@ -68,9 +77,7 @@ impl TernaryMatrix {
             )));
         }
         let row_bytes = Self::blocks_per_row(cols) * BLOCK_BYTES;
-        // Code 1 (weight 0) in every slot, so padding contributes nothing.
-        let mut buf = AlignedBuffer::zeroed(Self::padded_rows(rows) * row_bytes);
-        buf.as_mut_bytes().fill(0b0101_0101);
+        let mut buf = Self::zero_weights(rows, cols);
         if cols > 0 {
             // Row groups are independent: pack them in parallel (a 2B model has 1.3G codes).
             buf.as_mut_bytes()
@@ -102,6 +109,15 @@ impl TernaryMatrix {
         })
     }
 
+    /// A buffer for a `[rows, cols]` matrix in the runtime layout holding only zero weights,
+    /// so rows, padding and padding rows that nothing overwrites contribute nothing.
+    pub(crate) fn zero_weights(rows: usize, cols: usize) -> AlignedBuffer {
+        let bytes = Self::padded_rows(rows) * Self::blocks_per_row(cols) * BLOCK_BYTES;
+        let mut buf = AlignedBuffer::zeroed(bytes);
+        buf.as_mut_bytes().fill(ZERO_BYTE);
+        buf
+    }
+
     /// Rows stored for `rows` rows: `rows` rounded up to a whole [`ROW_GROUP`].
     pub fn padded_rows(rows: usize) -> usize {
         rows.div_ceil(ROW_GROUP) * ROW_GROUP
@@ -119,8 +135,7 @@ impl TernaryMatrix {
                 bytes.len()
             )));
         }
-        let mut buf = AlignedBuffer::zeroed(Self::padded_rows(rows) * row_bytes);
-        buf.as_mut_bytes().fill(0b0101_0101);
+        let mut buf = Self::zero_weights(rows, cols);
         let dst = buf.as_mut_bytes();
         for (r, row) in bytes.chunks_exact(row_bytes.max(1)).enumerate() {
             for (b, block) in row.chunks_exact(BLOCK_BYTES).enumerate() {
@@ -186,11 +201,22 @@ impl TernaryMatrix {
         ((b >> shift) & 3) as i8 - 1
     }
 
+    /// The codes of row `r` into `out` (`cols` of them), block by block.
+    pub fn row_codes(&self, r: usize, out: &mut [i8]) {
+        for (b, codes) in out[..self.cols].chunks_mut(BLOCK_ELEMS).enumerate() {
+            let block = self.block(r, b);
+            for (k, c) in codes.iter_mut().enumerate() {
+                let (byte, shift) = position(k);
+                *c = ((block[byte] >> shift) & 3) as i8 - 1;
+            }
+        }
+    }
+
     /// All codes, row-major `[rows, cols]` (for checks and export, not for the hot path).
     pub fn to_codes(&self) -> Vec<i8> {
-        let mut out = Vec::with_capacity(self.rows * self.cols);
-        for r in 0..self.rows {
-            out.extend((0..self.cols).map(|k| self.get(r, k)));
+        let mut out = vec![0i8; self.rows * self.cols];
+        for (r, row) in out.chunks_exact_mut(self.cols.max(1)).enumerate() {
+            self.row_codes(r, row);
         }
         out
     }
@@ -215,9 +241,9 @@ mod tests {
         assert_eq!(m.bytes()[0], 0b10_00_01_10);
         // Block 1 of row 0 follows block 0 of the group's four rows.
         assert_eq!(m.bytes()[4 * 32 + 1], 0b00_01_01_01);
-        assert_eq!(m.bytes()[2], 0b0101_0101);
+        assert_eq!(m.bytes()[2], ZERO_BYTE);
         // Padding rows are weight 0.
-        assert!(m.bytes()[32..4 * 32].iter().all(|&b| b == 0b0101_0101));
+        assert!(m.bytes()[32..4 * 32].iter().all(|&b| b == ZERO_BYTE));
         assert_eq!(block_offset(64, 5, 1), 4 * 64 + (4 + 1) * 32);
         assert!(TernaryMatrix::from_codes(&[2], 1, 1).is_err());
         assert!(TernaryMatrix::from_codes(&[0; 3], 2, 2).is_err());

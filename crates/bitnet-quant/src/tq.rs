@@ -4,11 +4,13 @@
 //! TQ2_0 stores 2-bit codes (66 bytes a block), TQ1_0 packs five trits per byte as a base-3
 //! fraction (54 bytes a block, 1.69 bits a weight).
 
-use bitnet_core::{AlignedBuffer, Storage};
+use bitnet_core::Storage;
 use half::f16;
 use rayon::prelude::*;
 
-use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
+use crate::ternary::{
+    block_offset, holds_code_3, position, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP, ZERO_BYTE,
+};
 use crate::{Error, Result, TernaryMatrix};
 
 /// Weights per TQ block.
@@ -205,9 +207,6 @@ pub struct RepackedTq {
 /// Runtime bytes of a block of 256 weights: two runtime blocks of 128.
 const RUNTIME_PAIR: usize = 2 * BLOCK_BYTES;
 
-/// A runtime byte holding four zero weights (code 1 in every slot).
-const ZERO_BYTE: u8 = 0b0101_0101;
-
 /// Repacks a TQ2_0 tensor into the runtime layout without going through one byte per weight.
 ///
 /// The 32 bytes of each half of a TQ2_0 block hold the same 128 weights as a runtime block
@@ -216,7 +215,7 @@ const ZERO_BYTE: u8 = 0b0101_0101;
 pub fn repack_tq2_0(data: &[u8], rows: usize, cols: usize) -> Result<RepackedTq> {
     repack(data, rows, cols, TQ2_0_BYTES, |block, out| {
         for (o, &b) in out.iter_mut().zip(&block[..64]) {
-            if b & (b >> 1) & ZERO_BYTE != 0 {
+            if holds_code_3(b) {
                 return Err("the unused code 3");
             }
             *o = (b << 6) | ((b << 2) & 0b0011_0000) | ((b >> 2) & 0b0000_1100) | (b >> 6);
@@ -233,8 +232,8 @@ pub fn repack_tq1_0(data: &[u8], rows: usize, cols: usize) -> Result<RepackedTq>
             let (byte, n) = tq1_position(k);
             // The trit is the code `t + 1` already.
             let c = trit(block[byte], n);
-            let (half, lane, j) = (k / BLOCK_ELEMS, (k % BLOCK_ELEMS) / 32, k % 32);
-            out[half * BLOCK_BYTES + j] |= c << (6 - 2 * lane);
+            let (at, shift) = position(k);
+            out[(k / BLOCK_ELEMS) * BLOCK_BYTES + at] |= c << shift;
         }
         Ok(f16::from_le_bytes([block[52], block[53]]).to_f32())
     })
@@ -253,8 +252,7 @@ fn repack(
     let blocks = check_shape(data.len(), rows, cols, block_bytes)?;
     let per_row = cols / TQ_BLOCK;
     let row_bytes = TernaryMatrix::blocks_per_row(cols) * BLOCK_BYTES;
-    let mut buf = AlignedBuffer::zeroed(TernaryMatrix::padded_rows(rows) * row_bytes);
-    buf.as_mut_bytes().fill(ZERO_BYTE);
+    let mut buf = TernaryMatrix::zero_weights(rows, cols);
     let mut scales = vec![0f32; blocks];
     let mut nonzero = vec![false; blocks];
     let group_blocks = (ROW_GROUP * per_row).max(1);

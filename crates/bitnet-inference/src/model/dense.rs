@@ -196,10 +196,10 @@ impl DenseMatrix {
         }
     }
 
-    /// `sum_k row_r[k] * x[k]` in f32 in the summation order of the kernels' dense dot
-    /// products ([`DOT_SUMS`] running sums, sum `j` takes the values `k = j mod 32`, combined
-    /// by [`combine_sums`]), so every head format and kernel set sums alike. The order is fixed,
-    /// so the result does not depend on threads. The row is decoded in chunks into a stack
+    /// `sum_k row_r[k] * x[k]` in f32 in the summation order of the f16 kernels
+    /// ([`DOT_SUMS`] running sums, sum `j` takes the values `k = j mod 32`, combined by
+    /// [`combine_sums`]), so the f32, bf16 and f16 formats sum alike and an f16 head widened to
+    /// f32 gives the same logits. The order is fixed, so the result does not depend on threads. The row is decoded in chunks into a stack
     /// buffer so the multiply-add loop is a plain f32 loop the compiler vectorizes.
     fn dot(&self, kernels: &Kernels, r: usize, x: &[f32]) -> f32 {
         match self.format {
@@ -284,46 +284,40 @@ impl DenseMatrix {
     /// `out[r] = row_r . x` for every row, in parallel over rows.
     ///
     /// A Q8_0 matrix multiplies `x` quantized to int8 blocks of 32 (one f32 scale each, see
-    /// [`quantize_q8_0_activations`]), so the kernel multiplies bytes rather than widening every
-    /// weight to f32: its logits differ from the f32 product by that rounding too (measured in
-    /// the README). The quantized row lives on the stack for rows up to
-    /// [`Q8_STACK_VALUES`] values.
-    pub fn matvec(&self, kernels: &Kernels, x: &[f32], out: &mut [f32]) {
-        if self.format != DenseFormat::Q8_0 {
-            out.par_chunks_mut(HEAD_ROWS_PER_TASK)
-                .enumerate()
-                .for_each(|(i, o)| {
-                    for (j, v) in o.iter_mut().enumerate() {
-                        *v = self.dot(kernels, i * HEAD_ROWS_PER_TASK + j, x);
-                    }
-                });
-            return;
-        }
-        let n = self.cols;
-        let (mut q_stack, mut d_stack) = ([0i8; Q8_STACK_VALUES], [0f32; Q8_STACK_VALUES / 32]);
-        let (mut q_heap, mut d_heap) = (Vec::new(), Vec::new());
-        let (xq, xd) = if n <= Q8_STACK_VALUES {
-            (&mut q_stack[..n], &mut d_stack[..n / Q8_0_BLOCK])
+    /// [`quantize_q8_0_activations`]) into `xq` and `xd`, which the caller provides so that the
+    /// per-token path allocates nothing (at least `cols` and `cols / 32` long; other formats
+    /// leave them alone). The kernel then multiplies bytes rather than widening every weight to
+    /// f32, so its logits differ from the f32 product by that rounding too (measured in the
+    /// README).
+    pub fn matvec(
+        &self,
+        kernels: &Kernels,
+        x: &[f32],
+        xq: &mut [i8],
+        xd: &mut [f32],
+        out: &mut [f32],
+    ) {
+        if self.format == DenseFormat::Q8_0 {
+            let (xq, xd) = (&mut xq[..self.cols], &mut xd[..self.cols / Q8_0_BLOCK]);
+            quantize_q8_0_activations(&x[..self.cols], xq, xd);
+            let (xq, xd) = (&*xq, &*xd);
+            each_row_in_parallel(out, |r| (kernels.dot_q8_0)(self.row(r), xq, xd));
         } else {
-            q_heap.resize(n, 0);
-            d_heap.resize(n / Q8_0_BLOCK, 0.0);
-            (&mut q_heap[..], &mut d_heap[..])
-        };
-        quantize_q8_0_activations(&x[..n], xq, xd);
-        let (xq, xd) = (&*xq, &*xd);
-        out.par_chunks_mut(HEAD_ROWS_PER_TASK)
-            .enumerate()
-            .for_each(|(i, o)| {
-                for (j, v) in o.iter_mut().enumerate() {
-                    *v = (kernels.dot_q8_0)(self.row(i * HEAD_ROWS_PER_TASK + j), xq, xd);
-                }
-            });
+            each_row_in_parallel(out, |r| self.dot(kernels, r, x));
+        }
     }
 }
 
-/// Longest row whose quantized activations [`DenseMatrix::matvec`] keeps on the stack (16 KB
-/// of int8 values; every released BitNet model's hidden size fits).
-const Q8_STACK_VALUES: usize = 16384;
+/// `out[r] = row_value(r)` for every row, in parallel tasks of [`HEAD_ROWS_PER_TASK`] rows.
+fn each_row_in_parallel(out: &mut [f32], row_value: impl Fn(usize) -> f32 + Sync) {
+    out.par_chunks_mut(HEAD_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(i, o)| {
+            for (j, v) in o.iter_mut().enumerate() {
+                *v = row_value(i * HEAD_ROWS_PER_TASK + j);
+            }
+        });
+}
 
 #[cfg(test)]
 mod tests {
@@ -347,7 +341,8 @@ mod tests {
         m.row_to_f32(0, &mut row);
         assert_eq!(row[3], 1.5);
         let mut out = [0f32];
-        m.matvec(Kernels::get(), &[1.0; 32], &mut out);
+        let (mut xq, mut xd) = ([0i8; 32], [0f32; 1]);
+        m.matvec(Kernels::get(), &[1.0; 32], &mut xq, &mut xd, &mut out);
         assert_eq!(out[0], 0.5 * (31.0 * 32.0 / 2.0));
         let short = Storage::heap(AlignedBuffer::from_bytes(&bytes[..33]));
         assert!(DenseMatrix::new("t", DenseFormat::Q8_0, 1, 32, short).is_err());

@@ -283,7 +283,7 @@ fn linear(
                 let codes = decode_i2s(g.tensor_data(t), rows * cols, layout).map_err(named)?;
                 TernaryMatrix::from_codes(&codes, rows, cols)?
             };
-            if m.bytes().iter().any(|&b| b & (b >> 1) & 0b0101_0101 != 0) {
+            if m.bytes().iter().any(|&b| bitnet_quant::holds_code_3(b)) {
                 return Err(bad(
                     g,
                     format!(

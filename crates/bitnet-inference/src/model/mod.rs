@@ -6,7 +6,7 @@ mod load_gguf;
 pub mod ops;
 
 use bitnet_core::ScratchArena;
-use bitnet_quant::kernels::Kernels;
+use bitnet_quant::kernels::{combine_lanes, Kernels};
 use bitnet_quant::{quantize_activations, BitLinear};
 use rayon::prelude::*;
 
@@ -334,24 +334,27 @@ impl Model {
         let kpad = bitnet_quant::TernaryMatrix::padded_cols(wide);
         // Integer sums of the widest step: q, k and v together, or gate and up together.
         let acc_width = wide.max(qd + 2 * kvd).max(2 * f);
-        let ([x, nb, q, k, v, att, proj, gate, up, scores, sx, rope], [xq], [acc]) = scratch.carve(
-            [
-                t_all * h,
-                t_all * wide,
-                t_all * qd,
-                t_all * kvd,
-                t_all * kvd,
-                t_all * qd,
-                t_all * h,
-                t_all * f,
-                t_all * f,
-                groups * ctx_cap,
-                t_all,
-                t_all * hd,
-            ],
-            [t_all * kpad],
-            [t_all * acc_width],
-        );
+        let ([x, nb, q, k, v, att, proj, gate, up, scores, sx, rope, head_d], [xq], [acc]) =
+            scratch.carve(
+                [
+                    t_all * h,
+                    t_all * wide,
+                    t_all * qd,
+                    t_all * kvd,
+                    t_all * kvd,
+                    t_all * qd,
+                    t_all * h,
+                    t_all * f,
+                    t_all * f,
+                    groups * ctx_cap,
+                    t_all,
+                    t_all * hd,
+                    // The scales of the final hidden state's Q8_0 blocks (a Q8_0 head only).
+                    h.div_ceil(32),
+                ],
+                [t_all * kpad],
+                [t_all * acc_width],
+            );
 
         // Embeddings and the RoPE angles of every new position (shared by all layers).
         let mut t = 0;
@@ -522,9 +525,12 @@ impl Model {
             for t in t0 + first..t0 + n {
                 let xn = &mut nb[..h];
                 ops::rms_norm(&x[t * h..(t + 1) * h], &self.norm, eps, xn);
+                // The layers are done with `xq`: it holds a Q8_0 head's int8 activations.
                 head.matvec(
                     self.kernels,
                     xn,
+                    xq,
+                    head_d,
                     &mut logits[row * vocab..(row + 1) * vocab],
                 );
                 row += 1;
@@ -567,8 +573,9 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     }
 }
 
-/// `sum_k a[k] * b[k]` with eight running sums (sum `j` takes `k = j mod 8`), so the compiler
-/// can keep them in one vector register; a single running sum forces one addition at a time.
+/// `sum_k a[k] * b[k]` with eight running sums (sum `j` takes `k = j mod 8`) combined by
+/// [`combine_lanes`], so the compiler can keep them in one vector register; a single running
+/// sum forces one addition at a time.
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -581,5 +588,5 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     for (j, (x, y)) in ar.iter().zip(br).enumerate() {
         acc[j] += x * y;
     }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    combine_lanes(&acc)
 }

@@ -79,20 +79,27 @@ pub const DOT_SUMS: usize = 32;
 /// Running sums of the Q8_0 dot product ([`DotQ8_0Fn`]).
 pub const Q8_DOT_SUMS: usize = 16;
 
-/// The fixed combination of the [`Q8_DOT_SUMS`] running sums (see [`DotQ8_0Fn`]).
+/// The fixed combination of eight running sums (one vector's lanes):
+/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`, the last step of every dense dot
+/// product.
 #[inline]
-pub fn combine_q8_sums(s: &[f32; Q8_DOT_SUMS]) -> f32 {
-    let a: [f32; 8] = std::array::from_fn(|j| s[j] + s[8 + j]);
+pub fn combine_lanes(a: &[f32; 8]) -> f32 {
     ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
 }
 
+/// The fixed combination of the [`Q8_DOT_SUMS`] running sums (see [`DotQ8_0Fn`]).
+#[inline]
+pub fn combine_q8_sums(s: &[f32; Q8_DOT_SUMS]) -> f32 {
+    combine_lanes(&std::array::from_fn(|j| s[j] + s[8 + j]))
+}
+
 /// The fixed combination of the [`DOT_SUMS`] running sums: the four groups of eight are added
-/// element-wise as `(s0 + s1) + (s2 + s3)`, then the eight results as
-/// `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`.
+/// element-wise as `(s0 + s1) + (s2 + s3)`, then the eight results by [`combine_lanes`].
 #[inline]
 pub fn combine_sums(s: &[f32; DOT_SUMS]) -> f32 {
-    let a: [f32; 8] = std::array::from_fn(|j| (s[j] + s[8 + j]) + (s[16 + j] + s[24 + j]));
-    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    combine_lanes(&std::array::from_fn(|j| {
+        (s[j] + s[8 + j]) + (s[16 + j] + s[24 + j])
+    }))
 }
 
 /// A set of kernels for one instruction set.

@@ -1,6 +1,7 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
 use super::{combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS};
+use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
 
 /// Exact dot product of row `r` of the runtime-layout matrix `w` (`row_bytes` per row) with
@@ -59,8 +60,8 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
 pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
     let mut acc = [0f32; Q8_DOT_SUMS];
     for (b, ((blk, xs), &dx)) in row
-        .chunks_exact(34)
-        .zip(xq.chunks_exact(32))
+        .chunks_exact(Q8_0_BYTES)
+        .zip(xq.chunks_exact(Q8_0_BLOCK))
         .zip(xd)
         .enumerate()
     {

@@ -35,6 +35,7 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
+use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
@@ -341,20 +342,21 @@ unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
         }
         k += DOT_SUMS;
     }
-    let mut sums = store_sums(&acc);
+    let mut sums: [f32; DOT_SUMS] = store_sums(&acc);
     for (j, (wv, xv)) in w[full..n].iter().zip(&x[full..n]).enumerate() {
         sums[j] += wv.to_f32() * xv;
     }
     combine_sums(&sums)
 }
 
-/// The four vector accumulators as the 32 running sums, sum `8 v + j` from lane `j` of `v`.
+/// `V` vector accumulators as `N = 8 V` running sums, sum `8 v + j` from lane `j` of `v`.
 #[target_feature(enable = "avx")]
 #[inline]
-unsafe fn store_sums(acc: &[__m256; 4]) -> [f32; DOT_SUMS] {
-    let mut sums = [0f32; DOT_SUMS];
+unsafe fn store_sums<const V: usize, const N: usize>(acc: &[__m256; V]) -> [f32; N] {
+    const { assert!(8 * V == N) };
+    let mut sums = [0f32; N];
     for (v, a) in acc.iter().enumerate() {
-        // SAFETY: `sums[8 v..8 v + 8]` is 8 f32 inside the array.
+        // SAFETY: `sums[8 v..8 v + 8]` is 8 f32 inside the array (8 V = N).
         unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *a) };
     }
     sums
@@ -367,7 +369,9 @@ pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
     if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
         return scalar::dot_q8_0(row, xq, xd);
     }
-    let blocks = (row.len() / 34).min(xq.len() / 32).min(xd.len());
+    let blocks = (row.len() / Q8_0_BYTES)
+        .min(xq.len() / Q8_0_BLOCK)
+        .min(xd.len());
     // SAFETY: AVX2 and F16C were just detected; `dot_q8_0_avx2` reads `blocks` whole blocks of
     // `row`, `blocks * 32` values of `xq` and `blocks` of `xd`, inside the slices by the line
     // above.
@@ -386,12 +390,12 @@ unsafe fn dot_q8_0_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f3
         // SAFETY: block `b < blocks` of `row` (34 bytes from b * 34) and values b * 32.. of
         // `xq` lie inside the slices, and `b < xd.len()`.
         let (d_w, w, x, d_x) = unsafe {
-            let blk = row.as_ptr().add(b * 34);
+            let blk = row.as_ptr().add(b * Q8_0_BYTES);
             let bits = u16::from_le_bytes([*blk, *blk.add(1)]);
             (
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))),
                 _mm256_loadu_si256(blk.add(2) as *const __m256i),
-                _mm256_loadu_si256(xq.as_ptr().add(b * 32) as *const __m256i),
+                _mm256_loadu_si256(xq.as_ptr().add(b * Q8_0_BLOCK) as *const __m256i),
                 *xd.get_unchecked(b),
             )
         };
@@ -400,10 +404,5 @@ unsafe fn dot_q8_0_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f3
         let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
         acc[b % 2] = _mm256_add_ps(acc[b % 2], _mm256_mul_ps(d, p32));
     }
-    let mut sums = [0f32; Q8_DOT_SUMS];
-    for (v, a) in acc.iter().enumerate() {
-        // SAFETY: `sums[8 v..8 v + 8]` is 8 f32 inside the array.
-        unsafe { _mm256_storeu_ps(sums.as_mut_ptr().add(8 * v), *a) };
-    }
-    sums
+    store_sums(&acc)
 }
