@@ -20,7 +20,7 @@ pub mod tq;
 
 pub use bitlinear::BlockScales;
 pub use bitlinear::{BitLinear, WeightScale};
-pub use quantize::{quantize_activations, quantize_weights, weight_scale};
+pub use quantize::{quantize_activations, quantize_weights, round_half_even_small, weight_scale};
 pub use ternary::{
     block_offset, holds_code_3, TernaryMatrix, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP, ZERO_BYTE,
 };

@@ -103,7 +103,7 @@ pub fn quantize_weights(w: &[f32]) -> (Vec<i8>, f32) {
 /// even, as [`f32::round_ties_even`] does. Unlike that function, which compiles to a libm call
 /// on baseline x86-64, this is two additions the compiler vectorizes.
 #[inline]
-fn round_half_even_small(v: f32) -> f32 {
+pub fn round_half_even_small(v: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
     (v + MAGIC) - MAGIC
 }

@@ -4,7 +4,7 @@
 //! candle runs every primitive as its own pass over memory with a fresh buffer; on a small
 //! model these passes, not the matrix products, dominate a training step.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::Result;
 
@@ -25,7 +25,7 @@ impl CustomOp1 for ActQuantSte {
             let amax = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
             let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
             for (oi, &xi) in o.iter_mut().zip(row) {
-                *oi = (xi * s).round_ties_even().clamp(-128.0, 127.0) / s;
+                *oi = bitnet_quant::round_half_even_small(xi * s).clamp(-128.0, 127.0) / s;
             }
         }
         Ok((CpuStorage::F32(out), l.shape().clone()))
@@ -45,64 +45,6 @@ impl CustomOp1 for ActQuantSte {
 /// `x + (quantize_activations(x) - x).detach()`.
 pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(ActQuantSte)?)
-}
-
-/// Softmax over the last dimension of `scale * scores` with a causal mask (query `i` sees keys
-/// `0..=i`, the last two dimensions being queries and keys), fused; its gradient is
-/// `y * (g - sum(g * y))`.
-struct CausalSoftmax {
-    scale: f32,
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "bitnet-causal-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(s, l, "causal softmax")?;
-        let dims = l.dims();
-        if dims.len() < 2 || dims[dims.len() - 2] > dims[dims.len() - 1] {
-            candle_core::bail!("causal softmax wants [.., queries, keys] with keys >= queries");
-        }
-        let (tq, tk) = (dims[dims.len() - 2], dims[dims.len() - 1]);
-        let mut out = vec![0f32; x.len()];
-        for (i, (row, o)) in x.chunks_exact(tk).zip(out.chunks_exact_mut(tk)).enumerate() {
-            // Query i of a [tq, tk] block sees the first tk - tq + i + 1 keys.
-            let q = i % tq;
-            let visible = (tk - tq + q + 1).min(tk);
-            let m = row[..visible]
-                .iter()
-                .fold(f32::NEG_INFINITY, |m, &v| m.max(v * self.scale));
-            let mut sum = 0f32;
-            for (oi, &v) in o[..visible].iter_mut().zip(&row[..visible]) {
-                let e = (v * self.scale - m).exp();
-                *oi = e;
-                sum += e;
-            }
-            let inv = 1.0 / sum;
-            for oi in &mut o[..visible] {
-                *oi *= inv;
-            }
-        }
-        Ok((CpuStorage::F32(out), l.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _arg: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dot = grad.mul(res)?.sum_keepdim(D::Minus1)?;
-        let g = grad.broadcast_sub(&dot)?.mul(res)?;
-        Ok(Some(g.affine(self.scale as f64, 0.0)?))
-    }
-}
-
-/// Causal softmax of `scale * scores` over the last dimension (`[.., tq, tk]`, `tk >= tq`).
-pub fn causal_softmax(scores: &Tensor, scale: f32) -> Result<Tensor> {
-    Ok(scores.contiguous()?.apply_op1(CausalSoftmax { scale })?)
 }
 
 /// Rows per parallel task: fixed, so that reductions over rows (the norm-gain gradient) add
@@ -191,7 +133,7 @@ fn quantize_row(o: &mut [f32]) {
     let amax = o.iter().fold(0f32, |m, &v| m.max(v.abs()));
     let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
     for v in o {
-        *v = (*v * s).round_ties_even().clamp(-128.0, 127.0) / s;
+        *v = bitnet_quant::round_half_even_small(*v * s).clamp(-128.0, 127.0) / s;
     }
 }
 
@@ -510,23 +452,8 @@ pub fn relu2_gate(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{diff, randn, weighted_grads};
     use candle_core::{Device, Var};
-
-    /// Gradients of `sum(y * w)`: a loss whose gradient with respect to `y` is `w`.
-    fn weighted_grads(y: &Tensor, w: &Tensor) -> candle_core::backprop::GradStore {
-        y.mul(w).unwrap().sum_all().unwrap().backward().unwrap()
-    }
-
-    /// `max |a - b|`.
-    fn diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = a.sub(b).unwrap().abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap()
-    }
-
-    fn randn(n: usize, seed: u64, scale: f64) -> Vec<f32> {
-        let mut r = crate::rng::SplitMix64::new(seed);
-        (0..n).map(|_| (r.normal() * scale) as f32).collect()
-    }
 
     #[test]
     fn fused_activation_quant_equals_the_composition() {
@@ -545,38 +472,6 @@ mod tests {
             g.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
             w.to_vec2::<f32>().unwrap()
         );
-    }
-
-    #[test]
-    fn fused_causal_softmax_matches_the_composition_and_its_gradient() {
-        let (b, h, t) = (2, 3, 7);
-        let scale = 0.35f32;
-        let data = randn(b * h * t * t, 3, 1.5);
-        let v =
-            Var::from_tensor(&Tensor::from_vec(data, (b, h, t, t), &Device::Cpu).unwrap()).unwrap();
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
-        let reference = candle_nn::ops::softmax(
-            &v.as_tensor()
-                .affine(scale as f64, 0.0)
-                .unwrap()
-                .broadcast_add(&mask)
-                .unwrap(),
-            D::Minus1,
-        )
-        .unwrap();
-        let fused = causal_softmax(v.as_tensor(), scale).unwrap();
-        assert!(diff(&fused, &reference) < 1e-6);
-        let w = Tensor::from_vec(randn(b * h * t * t, 4, 1.0), (b, h, t, t), &Device::Cpu).unwrap();
-        let ga = weighted_grads(&fused, &w);
-        let gb = weighted_grads(&reference, &w);
-        let (ga, gb) = (
-            ga.get(v.as_tensor()).unwrap(),
-            gb.get(v.as_tensor()).unwrap(),
-        );
-        assert!(diff(ga, gb) < 1e-6, "{}", diff(ga, gb));
     }
 
     #[test]

@@ -3,11 +3,14 @@
 //! - [`bitlinear`]: the BitLinear layer with the straight-through estimator, usable in any
 //!   candle model;
 //! - [`model`]: the b1.58 transformer the engine runs, from a [`config::ModelShape`];
+//! - [`attention`] and [`fused`]: the CPU's fused operations (attention with RoPE and grouped KV
+//!   heads, RMSNorm with quantization, cross-entropy, the gate);
 //! - [`optim`] and [`config::Recipe`]: AdamW, clipping, BitNet's two-stage schedule (or cosine);
 //! - [`data`]: byte-level BPE tokenizer training and shuffled windows;
 //! - [`train`]: the loop with validation, logs and [`checkpoint`]s that resume bit for bit;
 //! - [`plot`]: the loss curves of a run's `log.csv` as a PNG (`loss.png`).
 
+pub mod attention;
 pub mod bitlinear;
 pub mod checkpoint;
 pub mod config;
@@ -20,6 +23,8 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+#[cfg(test)]
+mod testing;
 pub mod train;
 
 pub use error::{Result, TrainError};

@@ -5,6 +5,7 @@
 
 use candle_core::{DType, Device, Tensor, Var, D};
 
+use crate::attention::{causal_attention, RopeAngles};
 use crate::bitlinear::{matmul_wt, BitLinear};
 use crate::config::ModelShape;
 use crate::rng::SplitMix64;
@@ -211,16 +212,17 @@ impl Transformer {
             .as_tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, s.hidden_size))?;
-        let (cos, sin) = rope_tables(s, t, &self.device)?;
-        // The fused CPU softmax applies causality itself; other devices add this mask.
-        let mask = if self.device.is_cpu() {
+        let rope = RopeAngles::new(s.rope_theta, s.head_dim(), t);
+        // The fused CPU attention rotates and masks itself; other devices compose it.
+        let composed = if self.device.is_cpu() {
             None
         } else {
-            Some(causal_mask(t, &self.device)?)
+            let (cos, sin) = rope_tables(&rope, &self.device)?;
+            Some((cos, sin, causal_mask(t, &self.device)?))
         };
         for blk in &self.blocks {
             let h = self.linear_input(&x, &blk.attn_norm)?;
-            let a = self.attention(blk, &h, &cos, &sin, mask.as_ref())?;
+            let a = self.attention(blk, &h, &rope, composed.as_ref())?;
             let a = self.linear_input(&a, &blk.attn_sub_norm)?;
             x = x.add(&matmul_wt(&a, &blk.o_proj.effective_weight()?)?)?;
             let h = self.linear_input(&x, &blk.ffn_norm)?;
@@ -260,50 +262,23 @@ impl Transformer {
     }
 
     /// Causal self-attention of one block over `h [b, t, d]`, the already normalised (and, for
-    /// BitLinear, quantized) input of the q, k and v projections.
+    /// BitLinear, quantized) input of the q, k and v projections: fused on the CPU, composed
+    /// from the RoPE tables and mask in `composed` elsewhere.
     fn attention(
         &self,
         blk: &Block,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
+        rope: &RopeAngles,
+        composed: Option<&(Tensor, Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let s = &self.shape;
-        let (b, t, _) = h.dims3()?;
-        let hd = s.head_dim();
-        let (nh, nkv) = (s.num_heads, s.num_kv_heads);
-        let split = |x: Tensor, heads: usize| -> Result<Tensor> {
-            Ok(x.reshape((b, t, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?)
-        };
-        let q = split(matmul_wt(h, &blk.q_proj.effective_weight()?)?, nh)?;
-        let k = split(matmul_wt(h, &blk.k_proj.effective_weight()?)?, nkv)?;
-        let v = split(matmul_wt(h, &blk.v_proj.effective_weight()?)?, nkv)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let rep = nh / nkv;
-        let expand = |x: Tensor| -> Result<Tensor> {
-            if rep == 1 {
-                return Ok(x);
-            }
-            Ok(x.unsqueeze(2)?
-                .broadcast_as((b, nkv, rep, t, hd))?
-                .reshape((b, nh, t, hd))?)
-        };
-        let (k, v) = (expand(k)?, expand(v)?);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?;
-        let att = match mask {
-            None => crate::fused::causal_softmax(&scores, scale as f32)?,
-            Some(mask) => {
-                let masked = scores.affine(scale, 0.0)?.broadcast_add(mask)?;
-                candle_nn::ops::softmax(&masked, D::Minus1)?
-            }
-        };
-        let y = att.matmul(&v)?; // [b, nh, t, hd]
-        Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+        let q = matmul_wt(h, &blk.q_proj.effective_weight()?)?;
+        let k = matmul_wt(h, &blk.k_proj.effective_weight()?)?;
+        let v = matmul_wt(h, &blk.v_proj.effective_weight()?)?;
+        match composed {
+            None => causal_attention(&q, &k, &v, s.num_heads, s.num_kv_heads, rope),
+            Some((cos, sin, mask)) => attention_composed(s, &q, &k, &v, cos, sin, mask),
+        }
     }
 
     /// Mean cross-entropy of next-token prediction over `ids [batch, seq + 1]`.
@@ -329,27 +304,60 @@ pub fn rms_norm(x: &Tensor, w: &Var, eps: f32) -> Result<Tensor> {
     Ok(x.broadcast_mul(&inv)?.broadcast_mul(w.as_tensor())?)
 }
 
-/// cos and sin tables `[t, head_dim]` (each half repeated, the rotate-half convention).
-fn rope_tables(s: &ModelShape, t: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+/// Causal self-attention composed from candle primitives (the devices without the fused CPU
+/// operation): `q [b, t, heads * hd]`, `k`, `v [b, t, kv_heads * hd]` (un-rotated projections),
+/// RoPE tables `[t, hd]`, additive mask `[t, t]`.
+pub(crate) fn attention_composed(
+    s: &ModelShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    mask: &Tensor,
+) -> Result<Tensor> {
+    let (b, t, _) = q.dims3()?;
     let hd = s.head_dim();
-    let half = hd / 2;
-    let mut cos = Vec::with_capacity(t * hd);
-    let mut sin = Vec::with_capacity(t * hd);
-    for pos in 0..t {
-        let row: Vec<f32> = (0..half)
-            .map(|i| {
-                let inv_freq = 1.0 / s.rope_theta.powf((2 * i) as f32 / hd as f32);
-                pos as f32 * inv_freq
-            })
-            .collect();
-        for _ in 0..2 {
-            cos.extend(row.iter().map(|a| a.cos()));
-            sin.extend(row.iter().map(|a| a.sin()));
+    let (nh, nkv) = (s.num_heads, s.num_kv_heads);
+    let split = |x: &Tensor, heads: usize| -> Result<Tensor> {
+        Ok(x.reshape((b, t, heads, hd))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let q = apply_rope(&split(q, nh)?, cos, sin)?;
+    let k = apply_rope(&split(k, nkv)?, cos, sin)?;
+    let v = split(v, nkv)?;
+    let rep = nh / nkv;
+    let expand = |x: Tensor| -> Result<Tensor> {
+        if rep == 1 {
+            return Ok(x);
         }
-    }
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, nkv, rep, t, hd))?
+            .reshape((b, nh, t, hd))?)
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = q.matmul(&k.t()?)?;
+    let masked = scores.affine(scale, 0.0)?.broadcast_add(mask)?;
+    let att = candle_nn::ops::softmax(&masked, D::Minus1)?;
+    let y = att.matmul(&v)?; // [b, nh, t, hd]
+    Ok(y.transpose(1, 2)?.reshape((b, t, nh * hd))?)
+}
+
+/// cos and sin tables `[t, head_dim]` of the angles (each half repeated, the rotate-half
+/// convention).
+pub(crate) fn rope_tables(rope: &RopeAngles, device: &Device) -> Result<(Tensor, Tensor)> {
+    let half = rope.half;
+    let t = rope.cos.len() / half.max(1);
+    let repeat = |a: &[f32]| -> Vec<f32> {
+        a.chunks(half.max(1))
+            .flat_map(|row| row.iter().chain(row).copied())
+            .collect()
+    };
     Ok((
-        Tensor::from_vec(cos, (t, hd), device)?,
-        Tensor::from_vec(sin, (t, hd), device)?,
+        Tensor::from_vec(repeat(&rope.cos), (t, 2 * half), device)?,
+        Tensor::from_vec(repeat(&rope.sin), (t, 2 * half), device)?,
     ))
 }
 
@@ -364,7 +372,7 @@ fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// `[t, t]` additive mask: 0 on and below the diagonal, -inf above.
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
     let v: Vec<f32> = (0..t)
         .flat_map(|i| (0..t).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
