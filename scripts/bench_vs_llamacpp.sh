@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # CPU inference speed of `bitnet bench` against llama.cpp (through llama-cpp-python) on
 # the same synthetic BitNet b1.58 2B-4T model, written by our CLI as TQ2_0 and TQ1_0 GGUF
-# (f16 embedding and tied head), and as TQ2_0 with a Q8_0 embedding and tied head:
+# (f16 embedding and tied head), and as TQ2_0 with a Q8_0 or Q6_K embedding and tied head:
 # pp128 and tg64 tokens/s at each thread count, side by side, in one run.
 #
 # usage: scripts/bench_vs_llamacpp.sh [--reps R] [--threads "1 2"] [--keep DIR]
-#                                     [--formats "tq2_0 tq1_0 tq2_0-q8head"] [--dry-run]
+#                                     [--formats "tq2_0 tq1_0 tq2_0-q8head tq2_0-q6khead"]
+#                                     [--dry-run]
 #
 #   --reps R        timed runs of each phase per engine (default 5, after one warm-up)
 #   --threads LIST  thread counts, space-separated (default "1 2")
 #   --keep DIR      write the models (about 1.2 GB each) and results.jsonl to DIR and keep
 #                   them; models already in DIR are reused. Default: a temporary folder,
 #                   removed at exit.
-#   --formats LIST  models (default "tq2_0 tq1_0 tq2_0-q8head"): tq2_0 and tq1_0 linears with
-#                   an f16 head, or tq2_0-q8head, TQ2_0 linears with a Q8_0 embedding and
-#                   head (both engines then read the head's Q8_0 blocks)
+#   --formats LIST  models (default "tq2_0 tq1_0 tq2_0-q8head tq2_0-q6khead"): tq2_0 and
+#                   tq1_0 linears with an f16 head, or tq2_0-q8head / tq2_0-q6khead, TQ2_0
+#                   linears with a Q8_0 / Q6_K embedding and head (both engines then read the
+#                   head's Q8_0 / Q6_K blocks; Q6_K is what llama.cpp's quantizer gives heads)
 #   --dry-run       print the commands instead of running them
 #
 # Environment:
@@ -54,7 +56,7 @@ cd "$repo"
 reps=5
 threads_list="1 2"
 keep=""
-formats="tq2_0 tq1_0 tq2_0-q8head"
+formats="tq2_0 tq1_0 tq2_0-q8head tq2_0-q6khead"
 dry_run=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -72,8 +74,9 @@ for t in $threads_list; do
     [[ "$t" =~ ^[1-9][0-9]*$ ]] || { echo "error: bad thread count: $t" >&2; exit 2; }
 done
 for f in $formats; do
-    [[ "$f" == tq2_0 || "$f" == tq1_0 || "$f" == tq2_0-q8head ]] ||
-        { echo "error: format must be tq2_0, tq1_0 or tq2_0-q8head: $f" >&2; exit 2; }
+    [[ "$f" == tq2_0 || "$f" == tq1_0 || "$f" == tq2_0-q8head || "$f" == tq2_0-q6khead ]] ||
+        { echo "error: format must be tq2_0, tq1_0, tq2_0-q8head or tq2_0-q6khead: $f" >&2
+          exit 2; }
 done
 
 venv=${VENV:-target/llamacpp-venv}
@@ -158,10 +161,12 @@ make_model() {
     local f=$1 model=$dir/s2b-$1.gguf
     if [[ -s "$model" ]]; then
         say "reusing $model"
-    elif [[ "$f" == tq2_0-q8head ]]; then
+    elif [[ "$f" == tq2_0-q8head || "$f" == tq2_0-q6khead ]]; then
+        local head=q8_0
+        [[ "$f" == tq2_0-q6khead ]] && head=q6_k
         make_model tq2_0
-        say "writing $model (the TQ2_0 model with its embedding and head as Q8_0)"
-        run "$bitnet" convert --model "$dir/s2b-tq2_0.gguf" --type tq2_0 --embedding-type q8_0 \
+        say "writing $model (the TQ2_0 model with its embedding and head as ${head^^})"
+        run "$bitnet" convert --model "$dir/s2b-tq2_0.gguf" --type tq2_0 --embedding-type $head \
             --out "$model"
     else
         say "writing $model (synthetic 2B-4T, about 1.2 GB)"
@@ -245,7 +250,8 @@ for (fmt, t), sides in rows.items():
             print(f"warning: {name} ran {side.get('threads')} threads, asked {t}", file=sys.stderr)
     op, lp = o.get("pp_tokens_per_s"), l.get("pp_tokens_per_s")
     ot, lt = o.get("tg_tokens_per_s"), l.get("tg_tokens_per_s")
-    label = {"tq2_0-q8head": "TQ2_0, Q8_0 head"}.get(fmt, fmt.upper())
+    label = {"tq2_0-q8head": "TQ2_0, Q8_0 head",
+             "tq2_0-q6khead": "TQ2_0, Q6_K head"}.get(fmt, fmt.upper())
     print(f"| {label} | {t} | {num(op)} | {num(lp)} | {ratio(op, lp)} "
           f"| {num(ot)} | {num(lt)} | {ratio(ot, lt)} |")
 EOF

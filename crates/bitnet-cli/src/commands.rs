@@ -32,8 +32,8 @@ pub struct ModelArgs {
     /// records, else x86; bitnet.cpp's files do not say). For `convert`: the layout written.
     #[arg(long)]
     i2s_layout: Option<String>,
-    /// Re-encode the output head: f32, f16, bf16 or q8_0 (default: keep the file's).
-    /// q8_0 halves the head's bytes per token against f16.
+    /// Re-encode the output head: f32, f16, bf16, q8_0 or q6_k (default: keep the file's).
+    /// q8_0 halves the head's bytes per token against f16, q6_k takes 41%.
     #[arg(long)]
     head_type: Option<String>,
 }
@@ -399,7 +399,7 @@ pub struct ConvertArgs {
     /// Type of the ternary linears: tq1_0, tq2_0, i2_s or f16.
     #[arg(long = "type")]
     linear_type: String,
-    /// Type of the embedding (and untied head): f16, q8_0 or f32.
+    /// Type of the embedding (and untied head): f16, q8_0, q6_k or f32.
     #[arg(long, default_value = "f16")]
     embedding_type: String,
 }

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use bitnet_quant::i2s::{encode_i2s, i2s_trailer, I2sLayout};
+use bitnet_quant::q6_k::{quantize_q6_k, Q6_K_BLOCK};
 use bitnet_quant::q8_0::quantize_q8_0;
 use bitnet_quant::tq::{encode_tq1_0, encode_tq2_0, TQ_BLOCK};
 use bitnet_quant::BitLinear;
@@ -63,20 +64,24 @@ pub enum EmbeddingType {
     F16,
     /// ggml Q8_0.
     Q8_0,
+    /// ggml Q6_K (rows a multiple of 256 values), llama.cpp's default for heads.
+    #[allow(non_camel_case_types)] // ggml's name
+    Q6_K,
     /// f32 (exact for f16/bf16/f32 sources).
     F32,
 }
 
 impl EmbeddingType {
-    /// Parses `f16`, `q8_0` or `f32`.
+    /// Parses `f16`, `q8_0`, `q6_k` or `f32`.
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "f16" => EmbeddingType::F16,
             "q8_0" => EmbeddingType::Q8_0,
+            "q6_k" => EmbeddingType::Q6_K,
             "f32" => EmbeddingType::F32,
             other => {
                 return Err(Error::InvalidInput(format!(
-                    "unknown embedding type `{other}` (expected f16, q8_0 or f32)"
+                    "unknown embedding type `{other}` (expected f16, q8_0, q6_k or f32)"
                 )))
             }
         })
@@ -113,6 +118,15 @@ fn dense_tensor(m: &DenseMatrix, ty: EmbeddingType) -> Result<(GgmlType, Vec<u8>
         EmbeddingType::F32 => (GgmlType::F32, f32_bytes(&values)),
         EmbeddingType::F16 => (GgmlType::F16, f16_bytes(&values)),
         EmbeddingType::Q8_0 => (GgmlType::Q8_0, quantize_q8_0(&values)?),
+        EmbeddingType::Q6_K => {
+            if m.cols() % Q6_K_BLOCK != 0 {
+                return Err(Error::InvalidInput(format!(
+                    "Q6_K needs rows of a multiple of {Q6_K_BLOCK} values; these have {}",
+                    m.cols()
+                )));
+            }
+            (GgmlType::Q6_K, quantize_q6_k(&values)?)
+        }
     })
 }
 

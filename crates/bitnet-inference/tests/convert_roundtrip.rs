@@ -6,7 +6,7 @@ mod common;
 use bitnet_inference::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
 use bitnet_inference::formats::gguf::GgufFile;
 use bitnet_inference::loader::{load, LoadOptions};
-use bitnet_inference::model::{GgufOptions, Layer, Model};
+use bitnet_inference::model::{DenseFormat, GgufOptions, Layer, Model};
 use bitnet_quant::i2s::I2sLayout;
 use bitnet_quant::{BitLinear, WeightScale};
 use common::*;
@@ -95,6 +95,33 @@ fn packed_model_round_trips_through_every_ternary_gguf_type() {
         );
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+/// A Q6_K embedding (llama.cpp's usual type for a tied one): written by our quantizer, read
+/// back as exactly its decoded values, used for both the lookup and the head.
+#[test]
+fn q6_k_embedding_round_trips() {
+    use bitnet_quant::q6_k::{dequantize_q6_k, quantize_q6_k};
+    let src = load(&fixture("hf_packed"), &LoadOptions::default()).unwrap();
+    let path = tmp("q6_k-embedding.gguf");
+    let opts = ConvertOptions {
+        linear: LinearType::Tq2_0,
+        embedding: EmbeddingType::Q6_K,
+        i2s_layout: I2sLayout::X86,
+    };
+    convert_to_gguf(&src, &opts, &path).unwrap();
+    let back = load(&path, &LoadOptions::default()).unwrap();
+    let (a, b) = (src.model.embedding(), back.model.embedding());
+    assert_eq!(b.format(), DenseFormat::Q6_K);
+    let (mut row, mut got) = (vec![0f32; a.cols()], vec![0f32; a.cols()]);
+    let mut want = vec![0f32; a.cols()];
+    for r in [0, 1, a.rows() / 2, a.rows() - 1] {
+        a.row_to_f32(r, &mut row);
+        dequantize_q6_k(&quantize_q6_k(&row).unwrap(), &mut want);
+        b.row_to_f32(r, &mut got);
+        assert_eq!(got, want, "row {r}");
+    }
+    std::fs::remove_file(&path).unwrap();
 }
 
 #[test]

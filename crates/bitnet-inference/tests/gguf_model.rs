@@ -114,4 +114,19 @@ fn head_formats_change_logits_only_by_their_rounding() {
             argmax(&want[i * v..(i + 1) * v])
         );
     }
+    // Q6_K: 210 bytes per 256 values; each weight within half a step of a 16-value group's
+    // max / 32, about four times Q8_0's rounding, so logits within 4% of their range.
+    let mut q6 = load("tiny-bitnet-TQ2_0.gguf");
+    q6.set_head_format(bitnet_inference::model::DenseFormat::Q6_K)
+        .unwrap();
+    assert_eq!(q6.head().bytes(), base.head().bytes() * 210 / 512);
+    let got6 = logits_all(&q6, &ids);
+    let d6 = max_abs_diff(&got6, &want);
+    assert!(d6 <= 0.04 * range, "{d6} of {range}");
+    for i in 0..ids.len() {
+        assert_eq!(
+            argmax(&got6[i * v..(i + 1) * v]),
+            argmax(&want[i * v..(i + 1) * v])
+        );
+    }
 }

@@ -13,6 +13,7 @@ pub mod bitlinear;
 pub mod hf_packed;
 pub mod i2s;
 pub mod kernels;
+pub mod q6_k;
 pub mod q8_0;
 pub mod quantize;
 pub mod ternary;

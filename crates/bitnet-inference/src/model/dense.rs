@@ -2,6 +2,7 @@
 
 use bitnet_core::{DType, Storage};
 use bitnet_quant::kernels::{combine_sums, Kernels, DOT_SUMS};
+use bitnet_quant::q6_k::{dequantize_q6_k, quantize_q6_k, Q6_K_BLOCK, Q6_K_BYTES};
 use bitnet_quant::q8_0::quantize_q8_0_activations;
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -19,6 +20,10 @@ pub enum DenseFormat {
     BF16,
     /// ggml Q8_0: blocks of 32 int8 values with one f16 scale (34 bytes).
     Q8_0,
+    /// ggml Q6_K: super-blocks of 256 6-bit values with int8 scales per 16 and an f16 scale
+    /// (210 bytes), llama.cpp's usual type for output heads and tied embeddings.
+    #[allow(non_camel_case_types)] // ggml's name
+    Q6_K,
 }
 
 /// Values per Q8_0 block.
@@ -43,19 +48,21 @@ impl DenseFormat {
             DenseFormat::F32 => Some(cols * 4),
             DenseFormat::F16 | DenseFormat::BF16 => Some(cols * 2),
             DenseFormat::Q8_0 => (cols % Q8_0_BLOCK == 0).then_some(cols / Q8_0_BLOCK * Q8_0_BYTES),
+            DenseFormat::Q6_K => (cols % Q6_K_BLOCK == 0).then_some(cols / Q6_K_BLOCK * Q6_K_BYTES),
         }
     }
 
-    /// Parses `f32`, `f16`, `bf16` or `q8_0`.
+    /// Parses `f32`, `f16`, `bf16`, `q8_0` or `q6_k`.
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "f32" => DenseFormat::F32,
             "f16" => DenseFormat::F16,
             "bf16" => DenseFormat::BF16,
             "q8_0" => DenseFormat::Q8_0,
+            "q6_k" => DenseFormat::Q6_K,
             other => {
                 return Err(Error::InvalidInput(format!(
-                    "unknown head type `{other}` (expected f32, f16, bf16 or q8_0)"
+                    "unknown head type `{other}` (expected f32, f16, bf16, q8_0 or q6_k)"
                 )))
             }
         })
@@ -68,6 +75,7 @@ impl DenseFormat {
             DenseFormat::F16 => "F16",
             DenseFormat::BF16 => "BF16",
             DenseFormat::Q8_0 => "Q8_0",
+            DenseFormat::Q6_K => "Q6_K",
         }
     }
 }
@@ -93,6 +101,11 @@ pub(crate) fn encode_row(format: DenseFormat, row: &[f32], dst: &mut [u8]) {
                 dst.copy_from_slice(&q);
             }
         }
+        DenseFormat::Q6_K => {
+            if let Ok(q) = quantize_q6_k(row) {
+                dst.copy_from_slice(&q);
+            }
+        }
     }
 }
 
@@ -110,11 +123,11 @@ pub struct DenseMatrix {
 /// Rows per parallel task of the head: large enough to amortise scheduling.
 const HEAD_ROWS_PER_TASK: usize = 256;
 
-/// Values decoded per step: a stack buffer's worth, a multiple of the Q8_0 block.
+/// Values decoded per step: a stack buffer's worth, a multiple of the Q8_0 and Q6_K blocks.
 const DECODE_CHUNK: usize = 256;
 
-// Chunks must start at multiples of the running sums (see `dot`).
-const _: () = assert!(DECODE_CHUNK % DOT_SUMS == 0);
+// Chunks must start at multiples of the running sums (see `dot`) and of the blocks.
+const _: () = assert!(DECODE_CHUNK % DOT_SUMS == 0 && DECODE_CHUNK % Q6_K_BLOCK == 0);
 
 impl DenseMatrix {
     /// Wraps `data` holding `rows` rows of `cols` values in `format`.
@@ -210,7 +223,7 @@ impl DenseMatrix {
                     return (kernels.dot_f16)(w, &x[..self.cols]);
                 }
             }
-            DenseFormat::Q8_0 | DenseFormat::F32 | DenseFormat::BF16 => {}
+            DenseFormat::Q8_0 | DenseFormat::Q6_K | DenseFormat::F32 | DenseFormat::BF16 => {}
         }
         let mut acc = [0f32; DOT_SUMS];
         let mut buf = [0f32; DECODE_CHUNK];
@@ -237,7 +250,7 @@ impl DenseMatrix {
     }
 
     /// Decodes values `k0..k0 + out.len()` of a stored row (`k0` and the length multiples of
-    /// 32 except at the row's end, so Q8_0 spans are whole blocks).
+    /// [`DECODE_CHUNK`] except at the row's end, so Q8_0 and Q6_K spans are whole blocks).
     fn decode_span(&self, row: &[u8], k0: usize, out: &mut [f32]) {
         let n = out.len();
         match self.format {
@@ -278,12 +291,17 @@ impl DenseMatrix {
                     }
                 }
             }
+            DenseFormat::Q6_K => {
+                let b0 = k0 / Q6_K_BLOCK;
+                let blocks = &row[b0 * Q6_K_BYTES..(b0 + n.div_ceil(Q6_K_BLOCK)) * Q6_K_BYTES];
+                dequantize_q6_k(blocks, out);
+            }
         }
     }
 
     /// `out[r] = row_r . x` for every row, in parallel over rows.
     ///
-    /// A Q8_0 matrix multiplies `x` quantized to int8 blocks of 32 (one f32 scale each, see
+    /// A Q8_0 or Q6_K matrix multiplies `x` quantized to int8 blocks of 32 (one f32 scale each, see
     /// [`quantize_q8_0_activations`]) into `xq` and `xd`, which the caller provides so that the
     /// per-token path allocates nothing (at least `cols` and `cols / 32` long; other formats
     /// leave them alone). The kernel then multiplies bytes rather than widening every weight to
@@ -297,14 +315,17 @@ impl DenseMatrix {
         xd: &mut [f32],
         out: &mut [f32],
     ) {
-        if self.format == DenseFormat::Q8_0 {
-            let (xq, xd) = (&mut xq[..self.cols], &mut xd[..self.cols / Q8_0_BLOCK]);
-            quantize_q8_0_activations(&x[..self.cols], xq, xd);
-            let (xq, xd) = (&*xq, &*xd);
-            each_row_in_parallel(out, |r| (kernels.dot_q8_0)(self.row(r), xq, xd));
-        } else {
-            each_row_in_parallel(out, |r| self.dot(kernels, r, x));
-        }
+        let dot = match self.format {
+            DenseFormat::Q8_0 => kernels.dot_q8_0,
+            DenseFormat::Q6_K => kernels.dot_q6_k,
+            DenseFormat::F32 | DenseFormat::F16 | DenseFormat::BF16 => {
+                return each_row_in_parallel(out, |r| self.dot(kernels, r, x));
+            }
+        };
+        let (xq, xd) = (&mut xq[..self.cols], &mut xd[..self.cols / Q8_0_BLOCK]);
+        quantize_q8_0_activations(&x[..self.cols], xq, xd);
+        let (xq, xd) = (&*xq, &*xd);
+        each_row_in_parallel(out, |r| dot(self.row(r), xq, xd));
     }
 }
 

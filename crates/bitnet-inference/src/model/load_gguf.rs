@@ -171,10 +171,11 @@ fn dense_format(t: &GgufTensorInfo) -> Result<DenseFormat> {
         GgmlType::F16 => DenseFormat::F16,
         GgmlType::BF16 => DenseFormat::BF16,
         GgmlType::Q8_0 => DenseFormat::Q8_0,
+        GgmlType::Q6_K => DenseFormat::Q6_K,
         other => {
             return Err(Error::TensorDType {
                 name: t.name.clone(),
-                expected: "F32, F16, BF16 or Q8_0".into(),
+                expected: "F32, F16, BF16, Q8_0 or Q6_K".into(),
                 found: other.name().to_string(),
             })
         }
@@ -295,12 +296,12 @@ fn linear(
             }
             Ok(BitLinear::new(m, WeightScale::Direct(scale)))
         }
-        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 | GgmlType::Q6_K => {
             float_linear(&float_values(g, t)?, rows, cols)
         }
         other => Err(Error::TensorDType {
             name: name.into(),
-            expected: "TQ1_0, TQ2_0, I2_S, F32, F16, BF16 or Q8_0".into(),
+            expected: "TQ1_0, TQ2_0, I2_S, F32, F16, BF16, Q8_0 or Q6_K".into(),
             found: other.name().to_string(),
         }),
     }

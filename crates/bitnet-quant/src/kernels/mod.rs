@@ -73,6 +73,17 @@ pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 /// `a_j = s_j + s_{8+j}`, then `((a0 + a4) + (a1 + a5)) + ((a2 + a6) + (a3 + a7))`.
 pub type DotQ8_0Fn = fn(row: &[u8], xq: &[i8], xd: &[f32]) -> f32;
 
+/// The dot product of a row of ggml Q6_K blocks ([`crate::q6_k`]) with Q8_0 activations (as
+/// for [`DotQ8_0Fn`]: each run of 32 values of a block meets one activation block), over
+/// `min(blocks, xd.len() / 8)` blocks.
+///
+/// The order is part of the contract: for activation block `b` (run `b mod 8` of Q6_K block
+/// `b / 8`), each group of four products `j` (values `4j..4j + 4` of the run, signed codes
+/// `c - 32` times activations) is summed exactly in i32 and multiplied by its 16-value scale
+/// (exact in i32), converted to f32, multiplied by `d_w * xd[b]` (rounded once) and added to
+/// running sum `8 * (b mod 2) + j`; the 16 sums are combined by [`combine_q8_sums`].
+pub type DotQ6KFn = fn(row: &[u8], xq: &[i8], xd: &[f32]) -> f32;
+
 /// Running sums of the f16 dot product ([`DotF16Fn`]).
 pub const DOT_SUMS: usize = 32;
 
@@ -115,6 +126,8 @@ pub struct Kernels {
     pub dot_f16: DotF16Fn,
     /// Dot product of a Q8_0 row with f32 values (a quantized output head).
     pub dot_q8_0: DotQ8_0Fn,
+    /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
+    pub dot_q6_k: DotQ6KFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -131,6 +144,7 @@ impl Kernels {
         gemm: scalar::gemm,
         dot_f16: scalar::dot_f16,
         dot_q8_0: scalar::dot_q8_0,
+        dot_q6_k: scalar::dot_q6_k,
     };
 
     /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
@@ -142,6 +156,7 @@ impl Kernels {
         gemm: x86::avx2::gemm,
         dot_f16: x86::avx2::dot_f16,
         dot_q8_0: x86::avx2::dot_q8_0,
+        dot_q6_k: x86::avx2::dot_q6_k,
     };
 
     /// The NEON set (AArch64, where NEON is always present). Its functions check for NEON on
@@ -153,6 +168,7 @@ impl Kernels {
         gemm: aarch64::neon::gemm,
         dot_f16: scalar::dot_f16,
         dot_q8_0: scalar::dot_q8_0,
+        dot_q6_k: scalar::dot_q6_k,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -164,6 +180,7 @@ impl Kernels {
         gemm: aarch64::neon::gemm_dotprod,
         dot_f16: scalar::dot_f16,
         dot_q8_0: scalar::dot_q8_0,
+        dot_q6_k: scalar::dot_q6_k,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
@@ -215,16 +232,39 @@ impl Kernels {
 
 #[cfg(test)]
 mod tests {
+    /// `n` int8 activations in `[-127, 127]` (all -127 when `extreme`) and their `n / 32`
+    /// block scales, as the Q8_0 and Q6_K dot products take them.
+    fn q8_activations(
+        next: &mut impl FnMut() -> u64,
+        n: usize,
+        extreme: bool,
+    ) -> (Vec<i8>, Vec<f32>) {
+        let xq = (0..n)
+            .map(|_| {
+                if extreme {
+                    -127
+                } else {
+                    ((next() % 255) as i32 - 127) as i8
+                }
+            })
+            .collect();
+        let xd = (0..n / 32).map(|_| (next() % 997) as f32 * 1e-3).collect();
+        (xq, xd)
+    }
 
-    #[test]
-    fn dot_q8_0_sets_match_scalar_bit_for_bit() {
-        let mut seed = 0x0fed_cba9_8765_4321u64;
-        let mut next = || {
+    /// A xorshift64 stream: cheap, deterministic test data.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed
-        };
+        }
+    }
+
+    #[test]
+    fn dot_q8_0_sets_match_scalar_bit_for_bit() {
+        let mut next = xorshift(0x0fed_cba9_8765_4321u64);
         for blocks in [0usize, 1, 2, 3, 7, 80] {
             for extreme in [false, true] {
                 let mut row = Vec::new();
@@ -235,16 +275,7 @@ mod tests {
                     // -128 is a valid stored byte even though ggml's quantizer never writes it.
                     row.extend((0..32).map(|_| if extreme { 0x80 } else { next() as u8 }));
                 }
-                let xq: Vec<i8> = (0..blocks * 32)
-                    .map(|_| {
-                        if extreme {
-                            -127
-                        } else {
-                            ((next() % 255) as i32 - 127) as i8
-                        }
-                    })
-                    .collect();
-                let xd: Vec<f32> = (0..blocks).map(|_| (next() % 997) as f32 * 1e-3).collect();
+                let (xq, xd) = q8_activations(&mut next, blocks * 32, extreme);
                 let want = scalar::dot_q8_0(&row, &xq, &xd);
                 // The value against f64 arithmetic, the kernels for the bits.
                 let exact: f64 = (0..blocks * 32)
@@ -268,14 +299,58 @@ mod tests {
     }
 
     #[test]
+    fn dot_q6_k_sets_match_scalar_bit_for_bit() {
+        use crate::q6_k::{dequantize_q6_k, Q6_K_BLOCK, Q6_K_BYTES};
+        let mut next = xorshift(0x5eed_0f00_d6d6_1234u64);
+        for blocks in [0usize, 1, 2, 3, 10] {
+            for extreme in [false, true] {
+                let mut row: Vec<u8> = (0..blocks * Q6_K_BYTES)
+                    .map(|_| if extreme { 0xff } else { next() as u8 })
+                    .collect();
+                for b in row.chunks_exact_mut(Q6_K_BYTES) {
+                    let d = half::f16::from_f32((next() % 1000) as f32 * 1e-5);
+                    b[208..].copy_from_slice(&d.to_le_bytes());
+                    if extreme {
+                        b[192..208].fill(0x80); // scale -128 with code 63 - 32 = 31
+                    }
+                }
+                let (xq, xd) = q8_activations(&mut next, blocks * Q6_K_BLOCK, extreme);
+                let want = scalar::dot_q6_k(&row, &xq, &xd);
+                // The value against the decoded row in f64, the kernels for the bits.
+                let mut w = vec![0f32; blocks * Q6_K_BLOCK];
+                dequantize_q6_k(&row, &mut w);
+                let exact: f64 = (0..w.len())
+                    .map(|k| w[k] as f64 * xq[k] as f64 * xd[k / 32] as f64)
+                    .sum();
+                let size: f64 = (0..w.len())
+                    .map(|k| (w[k] as f64 * xq[k] as f64 * xd[k / 32] as f64).abs())
+                    .sum();
+                assert!(
+                    (want as f64 - exact).abs() <= 1e-5 * (1.0 + size),
+                    "{want} vs {exact}"
+                );
+                for k in Kernels::available() {
+                    assert_eq!(
+                        (k.dot_q6_k)(&row, &xq, &xd).to_bits(),
+                        want.to_bits(),
+                        "{} {blocks} extreme={extreme}",
+                        k.name
+                    );
+                }
+                // Fewer activation blocks than the row holds: only whole Q6_K blocks count.
+                if blocks > 1 {
+                    let part = scalar::dot_q6_k(&row, &xq, &xd[..8 * (blocks - 1) + 3]);
+                    let first = scalar::dot_q6_k(&row[..(blocks - 1) * Q6_K_BYTES], &xq, &xd);
+                    assert_eq!(part.to_bits(), first.to_bits());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn dot_f16_sets_match_scalar_bit_for_bit() {
-        let mut seed = 0x1234_5678_9abc_def0u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            ((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        };
+        let mut bits = xorshift(0x1234_5678_9abc_def0u64);
+        let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
         for n in [
             0usize, 1, 7, 8, 9, 31, 32, 33, 63, 255, 256, 257, 2560, 2561,
         ] {

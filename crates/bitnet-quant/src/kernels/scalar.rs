@@ -1,6 +1,7 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
 use super::{combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS};
+use crate::q6_k::{self, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
 
@@ -71,6 +72,29 @@ pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
                 .map(|i| (blk[2 + i] as i8) as i32 * xs[i] as i32)
                 .sum();
             acc[(b % 2) * 8 + j] += d * s as f32;
+        }
+    }
+    combine_q8_sums(&acc)
+}
+
+/// Reference Q6_K x Q8_0-activation dot product; see [`super::DotQ6KFn`] for the order.
+pub fn dot_q6_k(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    let mut acc = [0f32; Q8_DOT_SUMS];
+    let blocks = (row.len() / Q6_K_BYTES).min(xd.len() / 8);
+    for (s, blk) in row.chunks_exact(Q6_K_BYTES).take(blocks).enumerate() {
+        let (d, scales) = (q6_k::block_d(blk), q6_k::block_scales(blk));
+        for run in 0..8 {
+            let b = 8 * s + run;
+            let codes = q6_k::run_codes(blk, run);
+            let xs = &xq[32 * b..32 * b + 32];
+            let dd = d * xd[b];
+            for j in 0..8 {
+                let p: i32 = (4 * j..4 * j + 4)
+                    .map(|i| codes[i] as i32 * xs[i] as i32)
+                    .sum();
+                let sc = (scales[2 * run + j / 4] as i8) as i32;
+                acc[(b % 2) * 8 + j] += dd * (sc * p) as f32;
+            }
         }
     }
     combine_q8_sums(&acc)

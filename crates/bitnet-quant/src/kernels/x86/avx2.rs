@@ -35,6 +35,7 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
+use crate::q6_k::{Q6_K_BLOCK, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
@@ -403,6 +404,104 @@ unsafe fn dot_q8_0_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f3
         let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
         let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
         acc[b % 2] = _mm256_add_ps(acc[b % 2], _mm256_mul_ps(d, p32));
+    }
+    store_sums(&acc)
+}
+
+/// Same order as [`crate::kernels::scalar::dot_q6_k`]: lane `j` of accumulator `b mod 2` is
+/// running sum `8 (b mod 2) + j`, multiply and add rounded separately (no FMA).
+pub fn dot_q6_k(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        return scalar::dot_q6_k(row, xq, xd);
+    }
+    let blocks = (row.len() / Q6_K_BYTES)
+        .min(xq.len() / Q6_K_BLOCK)
+        .min(xd.len() / 8);
+    // SAFETY: AVX2 and F16C were just detected; `dot_q6_k_avx2` reads `blocks` whole blocks of
+    // `row`, `blocks * 256` values of `xq` and `blocks * 8` of `xd`, inside the slices by the
+    // line above.
+    let sums = unsafe { dot_q6_k_avx2(row, xq, xd, blocks) };
+    combine_q8_sums(&sums)
+}
+
+/// Each run of 32 codes is rebuilt from one 32-byte load of `ql` (a nibble) and one of `qh`
+/// (two bits) and made signed (`c - 32`, at most 32 in magnitude); `vpmaddubsw` then multiplies
+/// `|c - 32|` by the activations with the code's sign (pairs at most `2 * 32 * 127`, no
+/// saturation) and `vpmaddwd` by the two 16-value scales adds the pairs into four-value groups.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn dot_q6_k_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f32; Q8_DOT_SUMS] {
+    let low4 = _mm256_set1_epi8(0x0f);
+    let bit45 = _mm256_set1_epi8(0x30);
+    let bias = _mm256_set1_epi8(32);
+    // Run m's scales: i16 lane 2m of the half's scales across the low 128 bits (its first 16
+    // values), lane 2m + 1 across the high 128 bits.
+    let pick: [__m256i; 4] = std::array::from_fn(|m| {
+        let idx: [u8; 32] = std::array::from_fn(|i| (4 * m + 2 * (i / 16) + i % 2) as u8);
+        // SAFETY: `idx` holds the 32 bytes loaded.
+        unsafe { _mm256_loadu_si256(idx.as_ptr() as *const __m256i) }
+    });
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for s in 0..blocks {
+        // SAFETY: block `s < blocks` of `row` (210 bytes from s * 210) lies inside `row`.
+        let blk = unsafe { row.as_ptr().add(s * Q6_K_BYTES) };
+        // SAFETY: bytes 208 and 209 of the block are inside it.
+        let d_w = unsafe {
+            let bits = u16::from_le_bytes([*blk.add(208), *blk.add(209)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        };
+        for h in 0..2 {
+            // SAFETY: `ql` runs at 64h and 64h + 32 and `qh` at 128 + 32h, 32 bytes each, are
+            // inside the block.
+            // The half's eight scales (bytes 192 + 8h..) go to i16 lanes 0..8 of both halves.
+            let (ql0, ql1, qh, scales) = unsafe {
+                (
+                    _mm256_loadu_si256(blk.add(64 * h) as *const __m256i),
+                    _mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i),
+                    _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i),
+                    _mm256_broadcastsi128_si256(_mm_cvtepi8_epi16(_mm_loadl_epi64(
+                        blk.add(192 + 8 * h) as *const __m128i,
+                    ))),
+                )
+            };
+            // Codes of runs m = 0..4: the nibble, then qh's bits 2m, 2m + 1 moved to bits 4, 5
+            // (16-bit shifts; the mask drops what crosses from the neighbouring byte).
+            let codes = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql0, low4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 4), bit45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql1, low4),
+                    _mm256_and_si256(_mm256_slli_epi16(qh, 2), bit45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4),
+                    _mm256_and_si256(qh, bit45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                    _mm256_and_si256(_mm256_srli_epi16(qh, 2), bit45),
+                ),
+            ];
+            for (m, &c) in codes.iter().enumerate() {
+                let run = 4 * h + m;
+                let b = 8 * s + run;
+                // SAFETY: values 32b..32b + 32 of `xq` and `xd[b]` are inside the slices
+                // (b < 8 * blocks).
+                let (x, d_x) = unsafe {
+                    (
+                        _mm256_loadu_si256(xq.as_ptr().add(32 * b) as *const __m256i),
+                        *xd.get_unchecked(b),
+                    )
+                };
+                let w = _mm256_sub_epi8(c, bias);
+                let p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+                let sc = _mm256_shuffle_epi8(scales, pick[m]);
+                let p32 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, sc));
+                let d = _mm256_set1_ps(d_w * d_x);
+                acc[m % 2] = _mm256_add_ps(acc[m % 2], _mm256_mul_ps(d, p32));
+            }
+        }
     }
     store_sums(&acc)
 }
