@@ -166,9 +166,9 @@ impl Kernels {
         name: "neon",
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
-        dot_f16: scalar::dot_f16,
-        dot_q8_0: scalar::dot_q8_0,
-        dot_q6_k: scalar::dot_q6_k,
+        dot_f16: aarch64::neon::dot_f16,
+        dot_q8_0: aarch64::neon::dot_q8_0,
+        dot_q6_k: aarch64::neon::dot_q6_k,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -178,9 +178,9 @@ impl Kernels {
         name: "neon-dotprod",
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
-        dot_f16: scalar::dot_f16,
-        dot_q8_0: scalar::dot_q8_0,
-        dot_q6_k: scalar::dot_q6_k,
+        dot_f16: aarch64::neon::dot_f16,
+        dot_q8_0: aarch64::neon::dot_q8_0,
+        dot_q6_k: aarch64::neon::dot_q6_k,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),

@@ -1,4 +1,5 @@
-//! NEON kernels for the runtime layout, with and without the dot-product extension.
+//! NEON kernels for the runtime layout, with and without the dot-product extension, and for the
+//! f16, Q8_0 and Q6_K output heads (both sets share those: they need no extension).
 //!
 //! As in the AVX2 set, with codes `c = t + 1` in {0, 1, 2}, `sum_k t_k x_k = sum_k c_k x_k -
 //! sum_k x_k`: the kernels multiply codes, and the second sum, which depends on the activation
@@ -39,7 +40,9 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::arch::is_aarch64_feature_detected;
 
-use crate::kernels::{checked_rows, scalar};
+use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
+use crate::q6_k::{self, Q6_K_BLOCK, Q6_K_BYTES};
+use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
@@ -513,6 +516,219 @@ unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
         options(pure, nomem, nostack, preserves_flags)
     );
     acc
+}
+
+/// NEON f16 dot product of an output-head row; see [`crate::kernels::DotF16Fn`]. The same
+/// bits as [`scalar::dot_f16`]: eight 4-lane vectors are the 32 running sums, multiply and add
+/// rounded separately (no fused multiply-add), the last `len mod 32` values added in scalar
+/// code to the same sums.
+pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::dot_f16(w, x);
+    }
+    let n = w.len().min(x.len());
+    let chunks = n / DOT_SUMS;
+    // SAFETY: NEON was detected; `dot_f16_neon` reads `chunks * 32` values of `w` and `x`,
+    // which both hold.
+    let mut acc = unsafe { dot_f16_neon(w.as_ptr() as *const u16, x.as_ptr(), chunks) };
+    for k in chunks * DOT_SUMS..n {
+        acc[k % DOT_SUMS] += w[k].to_f32() * x[k];
+    }
+    combine_sums(&acc)
+}
+
+/// # Safety
+///
+/// NEON must be available; `w` and `x` must hold `chunks * 32` values.
+#[target_feature(enable = "neon")]
+unsafe fn dot_f16_neon(w: *const u16, x: *const f32, chunks: usize) -> [f32; DOT_SUMS] {
+    let mut acc = [vdupq_n_f32(0.0); DOT_SUMS / 4];
+    for c in 0..chunks {
+        for v in 0..4 {
+            let at = DOT_SUMS * c + 8 * v;
+            // SAFETY: values `at..at + 8` lie in the first `chunks * 32` (the contract).
+            let (h, x0, x1) = unsafe {
+                (
+                    vld1q_u16(w.add(at)),
+                    vld1q_f32(x.add(at)),
+                    vld1q_f32(x.add(at + 4)),
+                )
+            };
+            let (lo, hi) = widen_f16(h);
+            acc[2 * v] = vaddq_f32(acc[2 * v], vmulq_f32(lo, x0));
+            acc[2 * v + 1] = vaddq_f32(acc[2 * v + 1], vmulq_f32(hi, x1));
+        }
+    }
+    store_sums(&acc)
+}
+
+/// The eight f16 values of `h` (as bits) widened to f32, exactly (`fcvtl`, `fcvtl2`: part of
+/// every AArch64 NEON unit; the f16 vector types of their intrinsics are newer than our
+/// minimum Rust, so this is two instructions of inline assembly).
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn widen_f16(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
+    let (lo, hi): (float32x4_t, float32x4_t);
+    // SAFETY: the two conversions only read and write these vector registers.
+    asm!(
+        "fcvtl {lo:v}.4s, {h:v}.4h",
+        "fcvtl2 {hi:v}.4s, {h:v}.8h",
+        h = in(vreg) h,
+        lo = out(vreg) lo,
+        hi = out(vreg) hi,
+        options(pure, nomem, nostack, preserves_flags)
+    );
+    (lo, hi)
+}
+
+/// The lanes of `V` vectors in order: running sum `4i + l` is lane `l` of vector `i`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn store_sums<const V: usize, const N: usize>(acc: &[float32x4_t; V]) -> [f32; N] {
+    let mut out = [0f32; N];
+    for (i, v) in acc.iter().enumerate() {
+        // SAFETY: `N = 4 V` at every call, so lanes `4i..4i + 4` lie in `out`.
+        unsafe { vst1q_f32(out.as_mut_ptr().add(4 * i), *v) };
+    }
+    out
+}
+
+/// The exact sums of each group of four products `a_k * b_k` of 32 signed bytes (two vectors
+/// each), as groups 0-3 and 4-7: `smull` products fit i16 (at most `128 * 128`), `saddlp` adds
+/// pairs into i32, `addp` pairs of pairs.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn group_sums(a: [int8x16_t; 2], b: [int8x16_t; 2]) -> [int32x4_t; 2] {
+    let pairs = |a: int8x16_t, b: int8x16_t| {
+        (
+            vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b))),
+            vpaddlq_s16(vmull_high_s8(a, b)),
+        )
+    };
+    let (p0, p1) = pairs(a[0], b[0]);
+    let (p2, p3) = pairs(a[1], b[1]);
+    [vpaddq_s32(p0, p1), vpaddq_s32(p2, p3)]
+}
+
+/// NEON Q8_0 dot product; see [`crate::kernels::DotQ8_0Fn`]. The same bits as
+/// [`scalar::dot_q8_0`]: vectors `2 (b mod 2)` and `2 (b mod 2) + 1` are running sums
+/// `8 (b mod 2) + j`, multiply and add rounded separately.
+pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::dot_q8_0(row, xq, xd);
+    }
+    let blocks = (row.len() / Q8_0_BYTES)
+        .min(xq.len() / Q8_0_BLOCK)
+        .min(xd.len());
+    // SAFETY: NEON was detected; `dot_q8_0_neon` reads `blocks` whole blocks of `row`,
+    // `blocks * 32` values of `xq` and `blocks` of `xd`, inside the slices by the line above.
+    combine_q8_sums(&unsafe { dot_q8_0_neon(row, xq, xd, blocks) })
+}
+
+/// # Safety
+///
+/// NEON must be available; `row`, `xq` and `xd` must hold `blocks` blocks.
+#[target_feature(enable = "neon")]
+unsafe fn dot_q8_0_neon(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f32; Q8_DOT_SUMS] {
+    let mut acc = [vdupq_n_f32(0.0); Q8_DOT_SUMS / 4];
+    for (b, blk) in row.chunks_exact(Q8_0_BYTES).take(blocks).enumerate() {
+        let d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32() * xd[b];
+        // SAFETY: the block's 32 values follow its scale; values `32b..32b + 32` of `xq` lie
+        // inside it (the contract).
+        let (w, x) = unsafe {
+            let (w, x) = (blk.as_ptr().add(2) as *const i8, xq.as_ptr().add(32 * b));
+            (
+                [vld1q_s8(w), vld1q_s8(w.add(16))],
+                [vld1q_s8(x), vld1q_s8(x.add(16))],
+            )
+        };
+        add_groups(&mut acc, b % 2, group_sums(w, x), [1, 1], d);
+    }
+    store_sums(&acc)
+}
+
+/// Adds the group sums `g` (groups 0-3 times `scale[0]`, 4-7 times `scale[1]`, exact in i32),
+/// as f32 times `d`, to the running sums of parity `parity`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn add_groups(
+    acc: &mut [float32x4_t; 4],
+    parity: usize,
+    g: [int32x4_t; 2],
+    scale: [i32; 2],
+    d: f32,
+) {
+    for h in 0..2 {
+        let v = vcvtq_f32_s32(vmulq_n_s32(g[h], scale[h]));
+        acc[2 * parity + h] = vaddq_f32(acc[2 * parity + h], vmulq_n_f32(v, d));
+    }
+}
+
+/// NEON Q6_K dot product; see [`crate::kernels::DotQ6KFn`]. The same bits as
+/// [`scalar::dot_q6_k`], with the running sums of [`dot_q8_0`].
+pub fn dot_q6_k(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::dot_q6_k(row, xq, xd);
+    }
+    let blocks = (row.len() / Q6_K_BYTES)
+        .min(xq.len() / Q6_K_BLOCK)
+        .min(xd.len() / 8);
+    // SAFETY: NEON was detected; `dot_q6_k_neon` reads `blocks` whole blocks of `row`,
+    // `blocks * 256` values of `xq` and `blocks * 8` of `xd`, inside the slices by the line
+    // above.
+    combine_q8_sums(&unsafe { dot_q6_k_neon(row, xq, xd, blocks) })
+}
+
+/// # Safety
+///
+/// NEON must be available; `row`, `xq` and `xd` must hold `blocks` super-blocks.
+#[target_feature(enable = "neon")]
+unsafe fn dot_q6_k_neon(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f32; Q8_DOT_SUMS] {
+    let mut acc = [vdupq_n_f32(0.0); Q8_DOT_SUMS / 4];
+    let (low4, three, bias) = (vdupq_n_u8(0x0f), vdupq_n_u8(3), vdupq_n_s8(32));
+    for (s, blk) in row.chunks_exact(Q6_K_BYTES).take(blocks).enumerate() {
+        let d_w = q6_k::block_d(blk);
+        let scales = q6_k::block_scales(blk);
+        for h in 0..2 {
+            // SAFETY: the 32-byte runs of `ql` at 64h and 64h + 32 and of `qh` at 128 + 32h lie
+            // inside the block.
+            let [ql0, ql1, qh] = [64 * h, 64 * h + 32, 128 + 32 * h].map(|at| unsafe {
+                let p = blk.as_ptr().add(at);
+                [vld1q_u8(p), vld1q_u8(p.add(16))]
+            });
+            for m in 0..4 {
+                let run = 4 * h + m;
+                let b = 8 * s + run;
+                let w = [0, 1].map(|i| {
+                    let ql = if m % 2 == 0 { ql0[i] } else { ql1[i] };
+                    let nibble = if m < 2 {
+                        vandq_u8(ql, low4)
+                    } else {
+                        vshrq_n_u8::<4>(ql)
+                    };
+                    let bits = match m {
+                        0 => qh[i],
+                        1 => vshrq_n_u8::<2>(qh[i]),
+                        2 => vshrq_n_u8::<4>(qh[i]),
+                        _ => vshrq_n_u8::<6>(qh[i]),
+                    };
+                    let code = vorrq_u8(nibble, vshlq_n_u8::<4>(vandq_u8(bits, three)));
+                    vsubq_s8(vreinterpretq_s8_u8(code), bias)
+                });
+                // SAFETY: values `32b..32b + 32` of `xq` lie inside it (the contract).
+                let x = unsafe {
+                    let p = xq.as_ptr().add(32 * b);
+                    [vld1q_s8(p), vld1q_s8(p.add(16))]
+                };
+                let sc = [
+                    scales[2 * run] as i8 as i32,
+                    scales[2 * run + 1] as i8 as i32,
+                ];
+                add_groups(&mut acc, run % 2, group_sums(w, x), sc, d_w * xd[b]);
+            }
+        }
+    }
+    store_sums(&acc)
 }
 
 #[cfg(test)]
