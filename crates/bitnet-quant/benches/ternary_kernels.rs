@@ -7,6 +7,9 @@
 //! far past any cache) once per iteration with the best kernel set, beside a plain read of the
 //! same bytes, so the two throughputs compare the kernel with the memory bandwidth.
 //! `cargo bench -p bitnet-quant --bench ternary_kernels -- gemv_stream`
+//!
+//! `head` is the output head's dot products (f16, Q8_0, Q6_K) over 32768 rows of 2560 (a
+//! quarter of the 2B-4T vocabulary, past the cache), per kernel set; throughput in bytes read.
 
 use std::hint::black_box;
 
@@ -172,5 +175,47 @@ fn gemv_stream(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, gemm, gemv_stream);
+/// Rows of the head bench: a quarter of 2B-4T's 128256, so even Q6_K (69 MB) is past the cache.
+const HEAD_ROWS: usize = 32768;
+
+fn head(c: &mut Criterion) {
+    use bitnet_quant::q6_k::quantize_q6_k;
+    use bitnet_quant::q8_0::{quantize_q8_0, quantize_q8_0_activations};
+    const COLS: usize = 2560;
+    let mut seed = 9;
+    let mut uniform = || (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0;
+    let w: Vec<f32> = (0..HEAD_ROWS * COLS).map(|_| uniform() * 0.05).collect();
+    let x: Vec<f32> = (0..COLS).map(|_| uniform()).collect();
+    let (mut xq, mut xd) = (vec![0i8; COLS], vec![0f32; COLS / 32]);
+    quantize_q8_0_activations(&x, &mut xq, &mut xd);
+    let f16s: Vec<half::f16> = w.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let q8 = quantize_q8_0(&w).unwrap();
+    let q6 = quantize_q6_k(&w).unwrap();
+    let mut g = c.benchmark_group("head");
+    g.sample_size(10);
+    for k in Kernels::available() {
+        g.throughput(Throughput::Bytes((f16s.len() * 2) as u64));
+        g.bench_function(BenchmarkId::new(k.name, "f16"), |b| {
+            b.iter(|| {
+                let s: f32 = f16s.chunks_exact(COLS).map(|r| (k.dot_f16)(r, &x)).sum();
+                black_box(s)
+            })
+        });
+        for (name, bytes, dot) in [("q8_0", &q8, k.dot_q8_0), ("q6_k", &q6, k.dot_q6_k)] {
+            g.throughput(Throughput::Bytes(bytes.len() as u64));
+            g.bench_function(BenchmarkId::new(k.name, name), |b| {
+                b.iter(|| {
+                    let s: f32 = bytes
+                        .chunks_exact(bytes.len() / HEAD_ROWS)
+                        .map(|r| dot(r, &xq, &xd))
+                        .sum();
+                    black_box(s)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemv, gemm, gemv_stream, head);
 criterion_main!(benches);
