@@ -226,11 +226,16 @@ impl Model {
             ))
         })?;
         let mut buf = bitnet_core::AlignedBuffer::zeroed(rows * row_bytes);
-        let mut row = vec![0f32; cols];
-        for (r, dst) in buf.as_mut_bytes().chunks_exact_mut(row_bytes).enumerate() {
-            src.row_to_f32(r, &mut row);
-            dense::encode_row(format, &row, dst);
-        }
+        buf.as_mut_bytes()
+            .par_chunks_exact_mut(row_bytes)
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; cols],
+                |row, (r, dst)| {
+                    src.row_to_f32(r, row);
+                    dense::encode_row(format, row, dst);
+                },
+            );
         self.head = Some(DenseMatrix::new(
             "output head",
             format,
