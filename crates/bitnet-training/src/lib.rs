@@ -17,6 +17,7 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod eval;
+mod exp;
 pub mod export;
 pub mod fused;
 pub mod model;
