@@ -20,20 +20,7 @@ fn with_rounded_steps(src: &Model, round: impl Fn(f32) -> f32) -> Model {
             WeightScale::Direct(round(l.scale().step())),
         )
     };
-    let layers: Vec<Layer> = src
-        .layers()
-        .iter()
-        .map(|l| Layer {
-            q: re(&l.q),
-            k: re(&l.k),
-            v: re(&l.v),
-            o: re(&l.o),
-            gate: re(&l.gate),
-            up: re(&l.up),
-            down: re(&l.down),
-            ..l.clone()
-        })
-        .collect();
+    let layers: Vec<Layer> = src.layers().iter().map(|l| l.map_linears(re)).collect();
     Model::new(
         src.config().clone(),
         src.embedding().clone(),

@@ -48,6 +48,21 @@ pub struct Layer {
 }
 
 impl Layer {
+    /// The layer with each ternary linear replaced by `f(linear)` and the norms kept (for
+    /// instance the steps rounded as a file format stores them).
+    pub fn map_linears(&self, f: impl Fn(&BitLinear) -> BitLinear) -> Layer {
+        Layer {
+            q: f(&self.q),
+            k: f(&self.k),
+            v: f(&self.v),
+            o: f(&self.o),
+            gate: f(&self.gate),
+            up: f(&self.up),
+            down: f(&self.down),
+            ..self.clone()
+        }
+    }
+
     /// The layer's ternary linears with their names (q, k, v, o, gate, up, down).
     pub fn linears(&self) -> [(&'static str, &BitLinear); 7] {
         [
