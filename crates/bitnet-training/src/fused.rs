@@ -466,7 +466,7 @@ pub fn relu2_gate(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{diff, randn, weighted_grads};
+    use crate::testing::{diff, max_abs, randn, weighted_grads};
     use candle_core::{Device, Var};
 
     #[test]
@@ -509,13 +509,7 @@ mod tests {
                 ga.get(v.as_tensor()).unwrap(),
                 gb.get(v.as_tensor()).unwrap(),
             );
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let scale = max_abs(b);
             assert!(
                 diff(a, b) <= 1e-5 * scale.max(1.0),
                 "{} of {scale}",

@@ -13,6 +13,16 @@ pub fn diff(a: &Tensor, b: &Tensor) -> f32 {
     d.to_scalar::<f32>().unwrap()
 }
 
+/// `max |t|`.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 /// `n` normal values with standard deviation `scale`, deterministic in `seed`.
 pub fn randn(n: usize, seed: u64, scale: f64) -> Vec<f32> {
     let mut r = crate::rng::SplitMix64::new(seed);
