@@ -4,8 +4,6 @@
 use std::path::Path;
 
 use bitnet_quant::i2s::{encode_i2s, i2s_trailer, I2sLayout};
-use bitnet_quant::q6_k::{quantize_q6_k, Q6_K_BLOCK};
-use bitnet_quant::q8_0::quantize_q8_0;
 use bitnet_quant::tq::{encode_tq1_0, encode_tq2_0, TQ_BLOCK};
 use bitnet_quant::BitLinear;
 use half::f16;
@@ -14,7 +12,7 @@ use crate::formats::gguf::{GgmlType, GgufValue};
 use crate::formats::gguf_tokenizer::gguf_tokenizer_metadata;
 use crate::formats::gguf_writer::GgufWriter;
 use crate::loader::LoadedModel;
-use crate::model::{DenseMatrix, I2S_LAYOUT_KEY};
+use crate::model::{DenseFormat, DenseMatrix, I2S_LAYOUT_KEY};
 use crate::{Error, Result};
 
 /// The type of the ternary linears in the written file.
@@ -110,24 +108,22 @@ fn f16_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 fn dense_tensor(m: &DenseMatrix, ty: EmbeddingType) -> Result<(GgmlType, Vec<u8>)> {
-    let mut values = vec![0f32; m.rows() * m.cols()];
-    for (r, row) in values.chunks_exact_mut(m.cols()).enumerate() {
-        m.row_to_f32(r, row);
-    }
-    Ok(match ty {
-        EmbeddingType::F32 => (GgmlType::F32, f32_bytes(&values)),
-        EmbeddingType::F16 => (GgmlType::F16, f16_bytes(&values)),
-        EmbeddingType::Q8_0 => (GgmlType::Q8_0, quantize_q8_0(&values)?),
-        EmbeddingType::Q6_K => {
-            if m.cols() % Q6_K_BLOCK != 0 {
-                return Err(Error::InvalidInput(format!(
-                    "Q6_K needs rows of a multiple of {Q6_K_BLOCK} values; these have {}",
-                    m.cols()
-                )));
-            }
-            (GgmlType::Q6_K, quantize_q6_k(&values)?)
-        }
-    })
+    let (format, ggml) = match ty {
+        EmbeddingType::F32 => (DenseFormat::F32, GgmlType::F32),
+        EmbeddingType::F16 => (DenseFormat::F16, GgmlType::F16),
+        EmbeddingType::Q8_0 => (DenseFormat::Q8_0, GgmlType::Q8_0),
+        EmbeddingType::Q6_K => (DenseFormat::Q6_K, GgmlType::Q6_K),
+    };
+    let row_bytes = format.row_bytes(m.cols()).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "rows of {} values do not fit {} blocks",
+            m.cols(),
+            format.name()
+        ))
+    })?;
+    let mut out = vec![0u8; m.rows() * row_bytes];
+    m.encode_rows(format, &mut out);
+    Ok((ggml, out))
 }
 
 /// One scale per 256-weight block: the layer's own, or its single step repeated.

@@ -20,6 +20,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::exp::exp_nonpositive;
+use crate::fused::f32_slice;
 use crate::Result;
 
 /// cos and sin of the RoPE angles, `[positions, head_dim / 2]` each (the rotate-half convention
@@ -104,6 +105,9 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// The operation's name in error messages.
+const ATT: &str = "causal attention";
+
 /// Query positions per block: the scores of a block against the keys up to its end are one
 /// matrix product, so the masked keys past the block are never multiplied.
 const QUERY_BLOCK: usize = 64;
@@ -143,6 +147,15 @@ fn scatter_add(x: &[f32], dims: &Dims, heads: usize, rope: Option<&RopeAngles>, 
     }
 }
 
+/// Copies a block's rows, `[kv_heads, n]`, into the gathered layout `dst` (`[kv_heads, len]`)
+/// at offset `at` within each KV head.
+fn put_block(block: &[f32], kv_heads: usize, at: usize, dst: &mut [f32]) {
+    let (n, len) = (block.len() / kv_heads, dst.len() / kv_heads);
+    for (src, head) in block.chunks_exact(n).zip(dst.chunks_exact_mut(len)) {
+        head[at..at + n].copy_from_slice(src);
+    }
+}
+
 /// A CPU tensor of `dims` holding `data`.
 fn tensor(data: Vec<f32>, dims: &[usize]) -> candle_core::Result<Tensor> {
     Tensor::from_vec(data, dims, &candle_core::Device::Cpu)
@@ -170,6 +183,13 @@ impl Dims {
     fn group(&self) -> usize {
         self.heads / self.kv_heads
     }
+}
+
+/// A row's softmax statistics (`[max, 1 / sum]` per query): the forward pass writes them, the
+/// backward pass reads them back.
+enum Stats<'a> {
+    Write(&'a mut [[f32; 2]]),
+    Read(&'a [[f32; 2]]),
 }
 
 /// One batch row's `q`, `k`, `v`.
@@ -231,14 +251,13 @@ impl CausalAttention {
 
     /// The probabilities of query positions `i0..i1` against keys `0..i1`, rows `(i, r)` of
     /// `[kv_heads, (i1 - i0) * group, i1]`: the scaled scores, then the softmax over keys `0..=i`
-    /// with the statistics `stats` (`[kv_heads, t * group]`, filled when `fill`) or from them.
+    /// with the statistics (`[kv_heads, t * group]`) it writes or reads (`stats`).
     fn probabilities(
         &self,
         qr: &Tensor,
         kr: &Tensor,
         (i0, i1): (usize, usize),
-        stats: &mut [[f32; 2]],
-        fill: bool,
+        mut stats: Stats,
     ) -> candle_core::Result<(Tensor, Tensor, Vec<f32>)> {
         let (group, t) = (self.dims.group(), kr.dim(1)?);
         let qb = qr.narrow(1, i0 * group, (i1 - i0) * group)?;
@@ -249,19 +268,22 @@ impl CausalAttention {
             let g = n / ((i1 - i0) * group);
             let rest = n % ((i1 - i0) * group);
             let i = i0 + rest / group;
-            let st = &mut stats[g * t * group + i * group + rest % group];
+            let at = g * t * group + i * group + rest % group;
             let (seen, masked) = row.split_at_mut(i + 1);
             seen.iter_mut().for_each(|x| *x *= self.scale);
-            if fill {
-                let m = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                seen.iter_mut().for_each(|x| *x = exp_nonpositive(*x - m));
-                let inv = 1.0 / seen.iter().sum::<f32>();
-                *st = [m, inv];
-            } else {
-                let [m, _] = *st;
-                seen.iter_mut().for_each(|x| *x = exp_nonpositive(*x - m));
-            }
-            let inv = st[1];
+            let [_, inv] = match &mut stats {
+                Stats::Write(st) => {
+                    let m = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    seen.iter_mut().for_each(|x| *x = exp_nonpositive(*x - m));
+                    st[at] = [m, 1.0 / seen.iter().sum::<f32>()];
+                    st[at]
+                }
+                Stats::Read(st) => {
+                    seen.iter_mut()
+                        .for_each(|x| *x = exp_nonpositive(*x - st[at][0]));
+                    st[at]
+                }
+            };
             seen.iter_mut().for_each(|x| *x *= inv);
             masked.fill(0.0);
         }
@@ -282,14 +304,11 @@ impl CausalAttention {
         let mut yg = vec![0f32; args.0.len()];
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
-            let (_, _, p) = self.probabilities(&qr, &kr, (i0, i1), stats, true)?;
+            let (_, _, p) = self.probabilities(&qr, &kr, (i0, i1), Stats::Write(stats))?;
             let rows = (i1 - i0) * d.group();
             let p = tensor(p, &[d.kv_heads, rows, i1])?;
             let yb = values(&p.matmul(&vg.narrow(1, 0, i1)?)?)?;
-            for (g, src) in yb.chunks_exact(rows * d.head_dim).enumerate() {
-                let at = (g * t * d.group() + i0 * d.group()) * d.head_dim;
-                yg[at..at + src.len()].copy_from_slice(src);
-            }
+            put_block(&yb, d.kv_heads, i0 * d.group() * d.head_dim, &mut yg);
         }
         y.fill(0.0);
         scatter_add(&yg, d, d.heads, None, y);
@@ -310,9 +329,13 @@ impl CausalAttention {
         let t = args.0.len() / d.q_width();
         let [qr, kr, vg] = self.operands(args)?;
         let dyg = gather(dy, d, d.heads, None);
-        let yg = gather(y, d, d.heads, None);
-        let dyt = tensor(dyg.clone(), &[kvh, t * group, hd])?;
-        let mut stats = stats.to_vec();
+        // sum_j p_j (dy . v_j) = dy . y: the softmax gradient's offset of each row.
+        let offsets: Vec<f32> = dyg
+            .chunks_exact(hd)
+            .zip(gather(y, d, d.heads, None).chunks_exact(hd))
+            .map(|(a, b)| dot(a, b))
+            .collect();
+        let dyt = tensor(dyg, &[kvh, t * group, hd])?;
         let (mut dqg, mut dkg, mut dvg) = (
             vec![0f32; dq.len()],
             vec![0f32; dk.len()],
@@ -321,15 +344,12 @@ impl CausalAttention {
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
             let rows = (i1 - i0) * group;
-            let (qb, kb, p) = self.probabilities(&qr, &kr, (i0, i1), &mut stats, false)?;
+            let (qb, kb, p) = self.probabilities(&qr, &kr, (i0, i1), Stats::Read(stats))?;
             let dyb = dyt.narrow(1, i0 * group, rows)?;
             let vb = vg.narrow(1, 0, i1)?;
             let mut ds = values(&dyb.matmul(&vb.t()?)?)?;
             for (n, (dsr, pr)) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)).enumerate() {
-                // sum_j p_j (dy . v_j) = dy . y: the softmax gradient's offset of the row.
-                let (g, rest) = (n / rows, n % rows);
-                let at = (g * t * group + i0 * group + rest) * hd;
-                let off = dot(&dyg[at..at + hd], &yg[at..at + hd]);
+                let off = offsets[(n / rows) * t * group + i0 * group + n % rows];
                 for (x, &pj) in dsr.iter_mut().zip(pr) {
                     *x = pj * (*x - off) * self.scale;
                 }
@@ -345,22 +365,13 @@ impl CausalAttention {
                     let src = &src[g * i1 * hd..][..i1 * hd];
                     dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
                 }
-                let at = (g * t * group + i0 * group) * hd;
-                dqg[at..at + rows * hd].copy_from_slice(&dq_b[g * rows * hd..][..rows * hd]);
             }
+            put_block(&dq_b, kvh, i0 * group * hd, &mut dqg);
         }
         scatter_add(&dqg, d, d.heads, Some(&self.rope), dq);
         scatter_add(&dkg, d, kvh, Some(&self.rope), dk);
         scatter_add(&dvg, d, kvh, None, dv);
         Ok(())
-    }
-}
-
-/// Contiguous f32 data of a CPU argument.
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("causal attention wants contiguous f32 tensors"),
     }
 }
 
@@ -379,7 +390,11 @@ impl CustomOp3 for CausalAttention {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t) = self.batch_and_len(l1.dims(), l2.dims(), l3.dims())?;
-        let (q, k, v) = (f32_data(s1, l1)?, f32_data(s2, l2)?, f32_data(s3, l3)?);
+        let (q, k, v) = (
+            f32_slice(s1, l1, ATT)?,
+            f32_slice(s2, l2, ATT)?,
+            f32_slice(s3, l3, ATT)?,
+        );
         let (qn, kn, sn) = (
             t * self.dims.q_width(),
             t * self.dims.kv_width(),
@@ -417,7 +432,7 @@ impl CustomOp3 for CausalAttention {
             let Storage::Cpu(s) = &**s else {
                 candle_core::bail!("causal attention runs on the CPU only");
             };
-            *slot = f32_data(s, l)?;
+            *slot = f32_slice(s, l, ATT)?;
         }
         let [q_, k_, v_, y_, dy_] = data;
         let stats = self

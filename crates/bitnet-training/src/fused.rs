@@ -53,7 +53,11 @@ pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
 const ROWS_PER_TASK: usize = 64;
 
 /// Contiguous f32 data of a CPU tensor argument.
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn f32_slice<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let CpuStorage::F32(data) = s else {
         candle_core::bail!("{what} wants f32");
     };

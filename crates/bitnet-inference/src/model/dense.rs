@@ -81,7 +81,7 @@ impl DenseFormat {
 }
 
 /// Encodes one row of f32 values in `format` into `dst` (`format.row_bytes(row.len())` bytes).
-pub(crate) fn encode_row(format: DenseFormat, row: &[f32], dst: &mut [u8]) {
+fn encode_row(format: DenseFormat, row: &[f32], dst: &mut [u8]) {
     match format {
         DenseFormat::F32 => dst
             .chunks_exact_mut(4)
@@ -199,6 +199,21 @@ impl DenseMatrix {
 
     fn row(&self, r: usize) -> &[u8] {
         &self.data.bytes()[r * self.row_bytes..(r + 1) * self.row_bytes]
+    }
+
+    /// Every row re-encoded in `format` into `dst` (`rows * format.row_bytes(cols)` bytes: the
+    /// caller checks that the format fits the rows), in parallel over rows.
+    pub(crate) fn encode_rows(&self, format: DenseFormat, dst: &mut [u8]) {
+        let row_bytes = dst.len() / self.rows.max(1);
+        dst.par_chunks_exact_mut(row_bytes.max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; self.cols],
+                |row, (r, d)| {
+                    self.row_to_f32(r, row);
+                    encode_row(format, row, d);
+                },
+            );
     }
 
     /// Writes row `r` as f32 into `out`.

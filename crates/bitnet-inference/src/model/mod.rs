@@ -241,16 +241,7 @@ impl Model {
             ))
         })?;
         let mut buf = bitnet_core::AlignedBuffer::zeroed(rows * row_bytes);
-        buf.as_mut_bytes()
-            .par_chunks_exact_mut(row_bytes)
-            .enumerate()
-            .for_each_init(
-                || vec![0f32; cols],
-                |row, (r, dst)| {
-                    src.row_to_f32(r, row);
-                    dense::encode_row(format, row, dst);
-                },
-            );
+        src.encode_rows(format, buf.as_mut_bytes());
         self.head = Some(DenseMatrix::new(
             "output head",
             format,
