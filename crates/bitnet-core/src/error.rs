@@ -61,6 +61,10 @@ pub enum Error {
     /// A thread pool could not be created.
     #[error("thread pool: {0}")]
     Threads(String),
+    /// A computation produced NaN or infinity where a model gives finite numbers: in practice
+    /// a weight, scale or norm in the file that is itself NaN or infinite.
+    #[error("non-finite result: {0}")]
+    NonFinite(String),
 }
 
 /// Shorthand for results carrying [`Error`].

@@ -2,8 +2,10 @@
 
 mod common;
 
+use bitnet_core::ScratchArena;
 use bitnet_inference::formats::gguf::GgufFile;
 use bitnet_inference::model::{GgufOptions, Model};
+use bitnet_inference::model::{LogitsFor, SeqStep};
 use bitnet_quant::WeightScale;
 use common::*;
 
@@ -129,4 +131,46 @@ fn head_formats_change_logits_only_by_their_rounding() {
             argmax(&want[i * v..(i + 1) * v])
         );
     }
+}
+
+/// A file whose weights hold a NaN (here the final norm's, f32 in this file) gives an error
+/// naming the position, not logits the sampler would quietly read as noise.
+#[test]
+fn a_nan_weight_is_an_error_not_noise() {
+    let src = fixture("gguf/tiny-bitnet-TQ2_0.gguf");
+    let range = {
+        let g = GgufFile::open(&src).unwrap();
+        let t = g.tensor("output_norm.weight").unwrap();
+        assert_eq!(t.ggml_type.name(), "F32");
+        t.data_range.clone()
+    };
+    let mut bytes = std::fs::read(&src).unwrap();
+    bytes[range.start + 4..range.start + 8].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = std::env::temp_dir().join(format!("bitnet-nan-{}.gguf", std::process::id()));
+    std::fs::write(&bad, &bytes).unwrap();
+    let m = Model::from_gguf(&GgufFile::open(&bad).unwrap(), &GgufOptions::default()).unwrap();
+    std::fs::remove_file(&bad).unwrap();
+    let ids = prompt_ids();
+    let mut cache = m.new_cache(ids.len()).unwrap();
+    let mut out = vec![0.0; m.config().vocab_size];
+    let e = m
+        .forward(
+            &mut [SeqStep {
+                tokens: &ids,
+                cache: &mut cache,
+                logits: LogitsFor::Last,
+            }],
+            &mut ScratchArena::new(),
+            &mut out,
+        )
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("of position {} is NaN", ids.len() - 1)),
+        "{msg}"
+    );
+    // The control: the untouched file runs.
+    assert!(logits_all(&load("tiny-bitnet-TQ2_0.gguf"), &ids)
+        .iter()
+        .all(|v| v.is_finite()));
 }

@@ -317,7 +317,9 @@ impl Model {
     /// Runs one step for a batch of sequences: appends each sequence's tokens to its cache and
     /// writes the logits it asked for into `logits` (rows in batch order, `vocab_size` wide;
     /// see [`Model::logit_rows`]). Working memory comes from `scratch`, so repeated steps of
-    /// the same size allocate nothing. Nothing is changed if the batch is invalid.
+    /// the same size allocate nothing. Nothing is changed if the batch is invalid. A logit
+    /// that comes out NaN or infinite is an error ([`Error::NonFinite`]), raised before the
+    /// caches of that sequence and the ones after it advance.
     pub fn forward(
         &self,
         batch: &mut [SeqStep<'_>],
@@ -537,13 +539,19 @@ impl Model {
                 let xn = &mut nb[..h];
                 ops::rms_norm(&x[t * h..(t + 1) * h], &self.norm, eps, xn);
                 // The layers are done with `xq`: it holds a Q8_0 head's int8 activations.
-                head.matvec(
-                    self.kernels,
-                    xn,
-                    xq,
-                    head_d,
-                    &mut logits[row * vocab..(row + 1) * vocab],
-                );
+                let out = &mut logits[row * vocab..(row + 1) * vocab];
+                head.matvec(self.kernels, xn, xq, head_d, out);
+                // One pass over a row the head has just written (a vocabulary's worth of
+                // compares against its vocabulary x hidden products): a NaN or infinite weight
+                // anywhere upstream ends here, and must not reach the sampler as silent noise.
+                if let Some(bad) = out.iter().position(|v| !v.is_finite()) {
+                    return Err(Error::NonFinite(format!(
+                        "logit {bad} of position {} is {}: a weight, scale or norm of the \
+                         model is NaN or infinite (a damaged file?)",
+                        step.cache.len() + t - t0,
+                        out[bad]
+                    )));
+                }
                 row += 1;
             }
             step.cache.advance(n);
