@@ -144,6 +144,24 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
                 "--resume: the configuration differs from the checkpoint's".into(),
             ));
         }
+        // Refused before anything is written: a session without a step would overwrite the
+        // run's summary with an empty one.
+        if meta.step >= r.steps {
+            return Err(TrainError::Invalid(format!(
+                "--resume: the run in {} is finished ({} of {} steps); --export-only and \
+                 --evaluate use it",
+                out.display(),
+                meta.step,
+                r.steps
+            )));
+        }
+        if let Some(s) = opts.stop_after.filter(|&s| s <= meta.step) {
+            return Err(TrainError::Invalid(format!(
+                "--stop-after {s}: the run in {} is at step {} already",
+                out.display(),
+                meta.step
+            )));
+        }
         (m, o, meta)
     } else {
         let m = Transformer::new(&cfg.model, r.quantize, r.seed, &device)?;

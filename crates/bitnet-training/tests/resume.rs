@@ -186,4 +186,30 @@ fn resume_refuses_other_data_or_config() {
     // the refusals above came from the changes and not from a broken checkpoint.
     let s = run(&cfg, true).unwrap();
     assert_eq!((s.steps, s.finished), (3, true));
+
+    // A finished run is not resumed: its summary stays as the last session wrote it.
+    let summary = read(&out.join("summary.json"));
+    let e = run(&cfg, true).unwrap_err().to_string();
+    assert!(e.contains("is finished (3 of 3 steps)"), "{e}");
+    assert_eq!(read(&out.join("summary.json")), summary);
+}
+
+#[test]
+fn resume_refuses_to_stop_before_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = corpus(dir.path());
+    let mut cfg = config();
+    cfg.recipe.steps = 4;
+    let out = dir.path().join("run");
+    train(&cfg, &files, &common::options(&out, false, Some(2), 1)).unwrap();
+    let summary = read(&out.join("summary.json"));
+    for stop in [1, 2] {
+        let e = train(&cfg, &files, &common::options(&out, true, Some(stop), 1))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at step 2 already"), "{e}");
+    }
+    assert_eq!(read(&out.join("summary.json")), summary);
+    let s = train(&cfg, &files, &common::options(&out, true, Some(3), 1)).unwrap();
+    assert_eq!((s.steps, s.finished), (3, false));
 }
