@@ -448,7 +448,7 @@ fn generate_defaults_to_the_builtin_model() {
     let args = [
         "generate",
         "--prompt",
-        "KING HENRY:",
+        "ACT I. SCENE I. London. The palace.",
         "--max-tokens",
         "24",
         "--temperature",
