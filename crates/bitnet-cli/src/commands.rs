@@ -273,6 +273,33 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
 }
 
 /// `bitnet inspect`.
+/// `bitnet inspect --cpu`: the processor, its SIMD features, the kernel sets it can run and
+/// the one the engine uses (with what became of a `BITNET_KERNELS` override).
+pub fn inspect_cpu() -> Result<()> {
+    use bitnet_quant::kernels::Kernels;
+    let stdout = std::io::stdout();
+    let mut o = stdout.lock();
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    writeln!(
+        o,
+        "cpu: {} ({} physical cores, {logical} logical)",
+        bitnet_core::cpu_model_name().unwrap_or_else(|| "unknown".into()),
+        bitnet_core::default_thread_count()
+    )?;
+    writeln!(o, "features: {}", bitnet_core::CpuFeatures::get())?;
+    let sets: Vec<&str> = Kernels::available().iter().map(|k| k.name).collect();
+    writeln!(o, "kernel sets: {}", sets.join(" "))?;
+    let chosen = Kernels::get().name;
+    let why = match std::env::var("BITNET_KERNELS") {
+        Err(_) => "the best this CPU runs".to_string(),
+        Ok(v) if Kernels::by_name(&v).is_some() => format!("BITNET_KERNELS={v}"),
+        Ok(v) => format!("BITNET_KERNELS={v:?} names no set this CPU runs, so it is ignored"),
+    };
+    writeln!(o, "kernels: {chosen} ({why})")?;
+    Ok(())
+}
+
+/// `bitnet inspect PATH`: a model's configuration and tensors.
 pub fn inspect(path: &Path) -> Result<()> {
     if path.as_os_str() == bitnet_inference::builtin::BUILTIN_NAME {
         return inspect_gguf(path);

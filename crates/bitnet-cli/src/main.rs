@@ -40,10 +40,13 @@ enum Command {
     Convert(commands::ConvertArgs),
     /// Train a BitNet b1.58 model (or its full-precision twin) on text files.
     Train(train::TrainArgs),
-    /// Show a model's configuration and tensors.
+    /// Show a model's configuration and tensors, or (`--cpu`) this CPU and its kernels.
     Inspect {
         /// A Hugging Face model folder, a GGUF file, or `builtin`.
-        path: PathBuf,
+        path: Option<PathBuf>,
+        /// Show the CPU's SIMD features, the kernel sets it can run and the one chosen.
+        #[arg(long)]
+        cpu: bool,
     },
 }
 
@@ -75,6 +78,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(a) => commands::bench(a),
         Command::Train(a) => train::run(a),
         Command::Synth(a) => commands::synth(a),
-        Command::Inspect { path } => commands::inspect(&path),
+        Command::Inspect { path, cpu } => {
+            if !cpu && path.is_none() {
+                anyhow::bail!(
+                    "inspect what? give a model (a folder, a GGUF file or `builtin`) or --cpu"
+                );
+            }
+            if cpu {
+                commands::inspect_cpu()?;
+            }
+            path.map_or(Ok(()), |p| commands::inspect(&p))
+        }
     }
 }

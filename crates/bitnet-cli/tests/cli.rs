@@ -476,3 +476,46 @@ fn generate_defaults_to_the_builtin_model() {
     let out = String::from_utf8_lossy(&i.stdout);
     assert!(out.contains("I2_S"), "{out}");
 }
+
+/// `inspect --cpu` names the kernel set the engine uses: the best one, the one
+/// `BITNET_KERNELS` asks for, or the best one again with a word on an override it ignored.
+#[test]
+fn inspect_cpu_says_which_kernels_run() {
+    let run = |env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bitnet"));
+        c.args(["inspect", "--cpu"]).env_remove("BITNET_KERNELS");
+        if let Some(v) = env {
+            c.env("BITNET_KERNELS", v);
+        }
+        let o = c.output().expect("the bitnet binary runs");
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let out = run(None);
+    let line = |out: &str, key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no `{key}` line in {out}"))
+            .to_string()
+    };
+    let sets = line(&out, "kernel sets: ");
+    let best = sets.split(' ').next_back().unwrap().to_string();
+    assert!(sets.starts_with("scalar"), "{out}");
+    assert_eq!(
+        line(&out, "kernels: "),
+        format!("{best} (the best this CPU runs)")
+    );
+    assert_eq!(
+        line(&run(Some("scalar")), "kernels: "),
+        "scalar (BITNET_KERNELS=scalar)"
+    );
+    let ignored = line(&run(Some("avx9000")), "kernels: ");
+    assert!(
+        ignored.starts_with(&format!("{best} (BITNET_KERNELS=\"avx9000\" names no set")),
+        "{ignored}"
+    );
+    // Neither a model nor --cpu: a usage error, not a panic.
+    let none = bitnet(&["inspect"]);
+    assert!(!none.status.success());
+    assert!(stderr(&none).contains("--cpu"), "{}", stderr(&none));
+}

@@ -18,7 +18,7 @@ mod storage;
 mod threads;
 
 pub use arena::ScratchArena;
-pub use cpu::CpuFeatures;
+pub use cpu::{cpu_model_name, CpuFeatures};
 pub use dtype::DType;
 pub use error::{Error, Result};
 pub use shape::Shape;

@@ -12,7 +12,8 @@
 //! The environment variable `BITNET_KERNELS` names the set to use, for example
 //! `BITNET_KERNELS=scalar` to compare against the reference or to rule out a SIMD bug. It is
 //! read once, on the first call to [`Kernels::get`]. A name that is unknown, or names a set this
-//! CPU cannot run, is ignored silently and the detected best set is used.
+//! CPU cannot run, is ignored and the detected best set is used; `bitnet inspect --cpu` shows
+//! the sets this CPU runs and which one was chosen, and why.
 
 #[cfg(target_arch = "aarch64")]
 pub mod aarch64;
