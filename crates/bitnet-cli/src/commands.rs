@@ -187,7 +187,8 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         }
     })?;
     if let Some(e) = write_err {
-        bail!("writing to stdout: {e}");
+        // Kept as an I/O error so that `main` recognizes a closed pipe.
+        return Err(anyhow::Error::new(e).context("writing to stdout"));
     }
     writeln!(out).context("writing to stdout")?;
     eprintln!(
@@ -261,13 +262,13 @@ pub fn perplexity(a: PerplexityArgs) -> Result<()> {
     let ids = m.tokenizer.encode(&text, true)?;
     let report = bitnet_inference::perplexity::perplexity(&m.model, &ids, a.ctx, text.len())?;
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        println!("tokens scored: {}", report.n_tokens_scored);
-        println!("windows: {} of {} tokens", report.windows, a.ctx);
-        println!("mean NLL: {:.6} nats", report.mean_nll);
-        println!("perplexity: {:.4}", report.ppl);
-        println!("nats per byte: {:.6}", report.nats_per_byte);
+        outln!("tokens scored: {}", report.n_tokens_scored)?;
+        outln!("windows: {} of {} tokens", report.windows, a.ctx)?;
+        outln!("mean NLL: {:.6} nats", report.mean_nll)?;
+        outln!("perplexity: {:.4}", report.ppl)?;
+        outln!("nats per byte: {:.6}", report.nats_per_byte)?;
     }
     Ok(())
 }
@@ -497,36 +498,46 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         v["tg_tokens_per_s"] = r.tg.map(|x| x.median).into();
         v["tg_bandwidth_gb_s"] = r.tg_bandwidth_gbs().into();
         v["load_s"] = load_s.into();
-        println!("{v}");
+        outln!("{v}")?;
         return Ok(());
     }
-    println!(
+    outln!(
         "model: {} (loaded in {load_s:.2} s)",
         a.model.model.display()
-    );
-    println!(
+    )?;
+    outln!(
         "threads: {}, kernels: {}, CPU features: {}",
-        r.threads, r.kernels, r.cpu_features
-    );
+        r.threads,
+        r.kernels,
+        r.cpu_features
+    )?;
     if let Some(pp) = r.pp {
-        println!(
+        outln!(
             "pp{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs)",
-            r.prompt_tokens, pp.median, pp.min, pp.max, r.reps
-        );
+            r.prompt_tokens,
+            pp.median,
+            pp.min,
+            pp.max,
+            r.reps
+        )?;
     }
     if let Some(tg) = r.tg {
-        println!(
+        outln!(
             "tg{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs)",
-            r.gen_tokens, tg.median, tg.min, tg.max, r.reps
-        );
+            r.gen_tokens,
+            tg.median,
+            tg.min,
+            tg.max,
+            r.reps
+        )?;
     }
-    println!(
+    outln!(
         "weights streamed per token: {:.1} MB{}",
         r.bytes_per_token as f64 / 1e6,
         r.tg_bandwidth_gbs()
             .map(|g| format!(" ({g:.2} GB/s at the median generation rate)"))
             .unwrap_or_default()
-    );
+    )?;
     Ok(())
 }
 

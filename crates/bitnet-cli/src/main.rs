@@ -1,5 +1,15 @@
 //! `bitnet`: run BitNet b1.58 models from the command line.
 
+/// `println!` that returns the write's error instead of panicking on it: with the output piped
+/// into a reader that has stopped (`bitnet ... | head`), the error reaches `main`, which treats
+/// a closed pipe as the reader's choice.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+
 mod commands;
 mod train;
 

@@ -11,7 +11,7 @@ use bitnet_training::train::{self, DataFiles, TrainOptions};
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
     /// Training text files (UTF-8).
-    #[arg(long, num_args = 1.., required_unless_present_any = ["export_only", "evaluate"])]
+    #[arg(long, num_args = 1.., required_unless_present_any = ["export_only", "evaluate", "resume", "print_config"])]
     pub data: Vec<PathBuf>,
     /// Held-out text files, only ever scored. Without it, the last `--data` file is held out
     /// when there are several.
@@ -29,7 +29,8 @@ pub struct TrainArgs {
     /// The run's folder.
     #[arg(long, default_value = "bitnet-run")]
     pub out: PathBuf,
-    /// Continue the run in `--out` from its last checkpoint.
+    /// Continue the run in `--out` from its last checkpoint (with the data files it recorded,
+    /// unless `--data` / `--heldout` name them elsewhere).
     #[arg(long)]
     pub resume: bool,
     /// Train the identical model without quantizers (the full-precision twin).
@@ -106,13 +107,20 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     if a.print_config {
-        println!("{}", serde_json::to_string_pretty(&cfg)?);
+        outln!("{}", serde_json::to_string_pretty(&cfg)?)?;
         return Ok(());
     }
     let mut files = DataFiles {
         train: a.data.clone(),
         heldout: a.heldout.clone(),
     };
+    // `--resume` alone continues with the files the run recorded (checked again by hash).
+    let record = a.out.join("data.json");
+    if a.resume && files.train.is_empty() && files.heldout.is_empty() && record.is_file() {
+        let r: bitnet_training::train::DataRecord = bitnet_training::train::read_json(&record)?;
+        files.train = r.train.into_iter().map(|f| f.path).collect();
+        files.heldout = r.heldout.into_iter().map(|f| f.path).collect();
+    }
     if files.heldout.is_empty() && files.train.len() > 1 {
         files.heldout.push(files.train.pop().expect("len > 1"));
     }
@@ -187,11 +195,11 @@ fn evaluate(dir: &std::path::Path, files: &[PathBuf]) -> anyhow::Result<()> {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         let (npb, _) =
             bitnet_training::eval::nats_per_byte(&run.model, &run.tokenizer, &text, ctx)?;
-        println!("{}: {npb:.4} nats/byte ({} bytes)", f.display(), text.len());
+        outln!("{}: {npb:.4} nats/byte ({} bytes)", f.display(), text.len())?;
         nats += npb * text.len() as f64;
         bytes += text.len();
     }
-    println!(
+    outln!(
         "all: {:.4} nats/byte over {bytes} bytes ({} model, windows of {ctx} tokens)",
         nats / bytes.max(1) as f64,
         if run.config.recipe.quantize {
@@ -199,6 +207,6 @@ fn evaluate(dir: &std::path::Path, files: &[PathBuf]) -> anyhow::Result<()> {
         } else {
             "full-precision"
         }
-    );
+    )?;
     Ok(())
 }

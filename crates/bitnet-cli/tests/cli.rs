@@ -519,3 +519,67 @@ fn inspect_cpu_says_which_kernels_run() {
     assert!(!none.status.success());
     assert!(stderr(&none).contains("--cpu"), "{}", stderr(&none));
 }
+
+/// `train --resume` with no `--data` continues with the files the run recorded in
+/// `data.json`, and a finished run is not resumed again.
+#[test]
+fn train_resume_alone_uses_the_recorded_files() {
+    let dir = scratch("resume");
+    let line = "The quick brown fox jumps over the lazy dog, and the dog sleeps on.\n";
+    let (a, b) = (dir.join("a.txt"), dir.join("b.txt"));
+    std::fs::write(&a, line.repeat(40)).unwrap();
+    std::fs::write(&b, line.repeat(8)).unwrap();
+    let out = dir.join("run");
+    let out_s = out.to_str().unwrap();
+    let common = ["--out", out_s, "--no-progress", "--threads", "1"];
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let mut first = vec!["train", "--data", a_s, b_s, "--preset", "tiny"];
+    first.extend(["--steps", "4", "--stop-after", "2"]);
+    first.extend(common);
+    let o = bitnet(&first);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let summary = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p.join("summary.json")).unwrap()).unwrap()
+    };
+    assert_eq!(summary(&out)["steps"], 2);
+
+    let mut again = vec!["train", "--resume"];
+    again.extend(common);
+    let o = bitnet(&again);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("1 training files, 1 held out"),
+        "{}",
+        stderr(&o)
+    );
+    let s = summary(&out);
+    assert_eq!(
+        (s["steps"].as_u64(), s["finished"].as_bool()),
+        (Some(4), Some(true))
+    );
+
+    let o = bitnet(&again);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("is finished (4 of 4 steps)"),
+        "{}",
+        stderr(&o)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Output into a pipe whose reader has gone (`| head`) ends the command quietly, without a
+/// panic.
+#[test]
+fn a_closed_output_pipe_is_not_a_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bitnet"))
+        .args(["train", "--preset", "tiny", "--print-config"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+    assert!(o.status.success(), "{}", stderr(&o));
+}

@@ -32,6 +32,15 @@ pub struct CorpusFile {
 }
 
 impl CorpusFile {
+    /// Whether two lists name the same texts in the same order, by size and hash: the folder
+    /// they are read from may move between a run and its resumption.
+    pub fn same_texts(a: &[CorpusFile], b: &[CorpusFile]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.bytes == y.bytes && x.sha256 == y.sha256)
+    }
+
     /// Reads `path` and records its size and hash; returns the record and the text.
     pub fn read(path: &Path) -> Result<(CorpusFile, String)> {
         let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, e))?;

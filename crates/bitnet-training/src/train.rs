@@ -111,9 +111,12 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
     }
     let tokenizer = if resuming {
         let old: DataRecord = read_json(&out.join("data.json"))?;
-        if old.train != train_rec || old.heldout != held_rec {
+        if !CorpusFile::same_texts(&old.train, &train_rec)
+            || !CorpusFile::same_texts(&old.heldout, &held_rec)
+        {
             return Err(TrainError::Invalid(
-                "--resume: the data files differ from the run's data.json (paths or SHA-256)"
+                "--resume: the data files differ from the run's data.json (number, order, size \
+                 or SHA-256)"
                     .into(),
             ));
         }

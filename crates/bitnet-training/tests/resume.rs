@@ -1,5 +1,5 @@
 //! `--resume` continues a run bit for bit, and refuses to continue with other data or another
-//! configuration.
+//! configuration (the same texts in another folder are the same data).
 //!
 //! What makes `resume_equals_uninterrupted` fail: any state a checkpoint forgets or restores
 //! wrongly (latent weights, AdamW moments or its step count used for bias correction, the data
@@ -181,6 +181,21 @@ fn resume_refuses_other_data_or_config() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no checkpoint"), "{e}");
+
+    // The same texts read from another folder: a moved corpus resumes.
+    let moved_dir = dir.path().join("moved");
+    std::fs::create_dir(&moved_dir).unwrap();
+    let mv = |p: &Path| {
+        let to = moved_dir.join(p.file_name().unwrap());
+        std::fs::copy(p, &to).unwrap();
+        to
+    };
+    let moved = DataFiles {
+        train: files.train.iter().map(|p| mv(p)).collect(),
+        heldout: files.heldout.iter().map(|p| mv(p)).collect(),
+    };
+    let s = train(&cfg, &moved, &common::options(&out, true, Some(2), 1)).unwrap();
+    assert_eq!((s.steps, s.finished), (2, false));
 
     // The control: with the original data and configuration the same checkpoint resumes, so
     // the refusals above came from the changes and not from a broken checkpoint.
