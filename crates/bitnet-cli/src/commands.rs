@@ -180,9 +180,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let mut out = stdout.lock();
     let mut write_err = None;
     let stats = run_generation(&m.model, &m.tokenizer, &a.prompt, &opts, |text| {
-        if write_err.is_none() {
-            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+            Ok(()) => std::ops::ControlFlow::Continue(()),
+            Err(e) => {
                 write_err = Some(e);
+                std::ops::ControlFlow::Break(())
             }
         }
     })?;

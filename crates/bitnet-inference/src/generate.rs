@@ -1,5 +1,6 @@
 //! Text generation: prompt in, streamed text out.
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use bitnet_core::ScratchArena;
@@ -60,13 +61,14 @@ impl GenerateStats {
 }
 
 /// Generates text after `prompt` (tokenized with BOS as the tokenizer's template adds it),
-/// calling `on_text` with each piece of text as soon as it forms whole characters.
+/// calling `on_text` with each piece of text as soon as it forms whole characters; generation
+/// stops early when `on_text` returns [`ControlFlow::Break`] (its reader has gone, say).
 pub fn generate(
     model: &Model,
     tokenizer: &Tokenizer,
     prompt: &str,
     opts: &GenerateOptions,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<GenerateStats> {
     let prompt_ids = tokenizer.encode(prompt, true)?;
     generate_from_ids(model, tokenizer, &prompt_ids, opts, &mut on_text)
@@ -78,7 +80,7 @@ pub fn generate_from_ids(
     tokenizer: &Tokenizer,
     prompt_ids: &[u32],
     opts: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<GenerateStats> {
     if prompt_ids.is_empty() {
         return Err(Error::InvalidInput(
@@ -122,13 +124,16 @@ pub fn generate_from_ids(
         stats.generated_tokens += 1;
         history.push(next);
         if let Some(text) = decoder.push(tokenizer, next)? {
-            on_text(&text);
+            if on_text(&text).is_break() {
+                break;
+            }
         }
         last[0] = next;
         pending = &last;
     }
     if let Some(text) = decoder.finish(tokenizer)? {
-        on_text(&text);
+        // The last piece: nothing is left to stop.
+        let _ = on_text(&text);
     }
     let end = Instant::now();
     let first = first_token_at.unwrap_or(end);
