@@ -105,6 +105,50 @@ fn lcg(s: &mut u64) -> u64 {
 /// happens to keep the same rows.
 const MATRICES: usize = 40;
 
+/// Rows `r0..r0 + out.len()` of `m` times `x` (whole row groups, as the engine's tasks).
+fn gemv_rows(k: &Kernels, m: &TernaryMatrix, x: &[i8], r0: usize, out: &mut [i32]) {
+    let rb = m.row_bytes();
+    let end = TernaryMatrix::padded_rows(r0 + out.len());
+    (k.gemv)(&m.bytes()[r0 * rb..end * rb], rb, x, out)
+}
+
+/// How the spinning pool's threads pick their rows.
+enum Shares {
+    /// Thread `i` takes task `i`: one equal, fixed part per thread.
+    Fixed,
+    /// Threads take the next task from this counter until none is left.
+    Counter(Arc<AtomicUsize>),
+}
+
+/// The spinning pool's job: the product with matrix `current` in `tasks` parts of `task_rows`
+/// rows (each part behind its own, uncontended lock), shared out as `shares` says.
+fn spin_gemv_job(
+    ms: &Arc<Vec<TernaryMatrix>>,
+    x: &Arc<Vec<i8>>,
+    current: &Arc<AtomicUsize>,
+    task_rows: usize,
+    tasks: usize,
+    shares: Shares,
+) -> Arc<dyn Fn(usize) + Send + Sync> {
+    let (ms, x, current) = (ms.clone(), x.clone(), current.clone());
+    let outs: Vec<Mutex<Vec<i32>>> = (0..tasks).map(|_| Mutex::new(vec![0; task_rows])).collect();
+    let k = Kernels::get();
+    Arc::new(move |i: usize| {
+        let m = &ms[current.load(Ordering::Acquire)];
+        let run = |t: usize| gemv_rows(k, m, &x, t * task_rows, &mut outs[t].lock().unwrap());
+        match &shares {
+            Shares::Fixed => run(i),
+            Shares::Counter(taken) => loop {
+                let t = taken.fetch_add(1, Ordering::Relaxed);
+                if t >= tasks {
+                    break;
+                }
+                run(t);
+            },
+        }
+    })
+}
+
 fn fork_join(c: &mut Criterion) {
     let (rows, cols) = (2560, 2560);
     let mut s = 1;
@@ -129,52 +173,28 @@ fn fork_join(c: &mut Criterion) {
         .use_current_thread()
         .build()
         .unwrap();
-    let next = Arc::new(AtomicUsize::new(0));
+    let next = AtomicUsize::new(0);
     let advance = || next.fetch_add(1, Ordering::Relaxed) % MATRICES;
 
     let mut g = c.benchmark_group("fork_join");
     let mut out = vec![0i32; rows];
     g.bench_function(BenchmarkId::new("gemv", "1 thread"), |b| {
-        b.iter(|| {
-            let m = &ms[advance()];
-            (k.gemv)(m.bytes(), m.row_bytes(), black_box(&x), &mut out)
-        })
+        b.iter(|| gemv_rows(k, &ms[advance()], black_box(&x), 0, &mut out))
     });
     g.bench_function(BenchmarkId::new("gemv", "rayon"), |b| {
         b.iter(|| {
             let m = &ms[advance()];
             rayon_pool.install(|| {
-                let (w, rb) = (m.bytes(), m.row_bytes());
                 out.par_chunks_mut(ROWS_PER_TASK)
                     .enumerate()
-                    .for_each(|(i, o)| {
-                        let r0 = i * ROWS_PER_TASK;
-                        let end = TernaryMatrix::padded_rows(r0 + o.len());
-                        (k.gemv)(&w[r0 * rb..end * rb], rb, &x, o)
-                    })
+                    .for_each(|(i, o)| gemv_rows(k, m, &x, i * ROWS_PER_TASK, o))
             })
         })
     });
 
-    let share = rows / THREADS;
-    let parts: Arc<Vec<Mutex<Vec<i32>>>> =
-        Arc::new((0..THREADS).map(|_| Mutex::new(vec![0; share])).collect());
     let current = Arc::new(AtomicUsize::new(0));
-    let gemv_job: Arc<dyn Fn(usize) + Send + Sync> = {
-        let (ms, x, parts, current) = (ms.clone(), x.clone(), parts.clone(), current.clone());
-        Arc::new(move |i: usize| {
-            let m = &ms[current.load(Ordering::Acquire)];
-            let rb = m.row_bytes();
-            let mut o = parts[i].lock().unwrap();
-            (k.gemv)(
-                &m.bytes()[i * share * rb..(i + 1) * share * rb],
-                rb,
-                &x,
-                &mut o,
-            )
-        })
-    };
-    let spin = SpinPool::new(THREADS, gemv_job);
+    let fixed = spin_gemv_job(&ms, &x, &current, rows / THREADS, THREADS, Shares::Fixed);
+    let spin = SpinPool::new(THREADS, fixed);
     g.bench_function(BenchmarkId::new("gemv", "spin"), |b| {
         b.iter(|| {
             current.store(advance(), Ordering::Release);
@@ -184,42 +204,14 @@ fn fork_join(c: &mut Criterion) {
     drop(spin);
 
     // The same pool taking tasks of ROWS_PER_TASK rows from a shared counter, as rayon's
-    // stealing balances them (each task's rows behind their own, uncontended lock).
-    let tasks = rows / ROWS_PER_TASK;
-    let task_out: Arc<Vec<Mutex<Vec<i32>>>> = Arc::new(
-        (0..tasks)
-            .map(|_| Mutex::new(vec![0; ROWS_PER_TASK]))
-            .collect(),
-    );
+    // stealing balances them.
     let taken = Arc::new(AtomicUsize::new(0));
-    let dynamic_job: Arc<dyn Fn(usize) + Send + Sync> = {
-        let (ms, x, task_out, current, taken) = (
-            ms.clone(),
-            x.clone(),
-            task_out.clone(),
-            current.clone(),
-            taken.clone(),
-        );
-        Arc::new(move |_| {
-            let m = &ms[current.load(Ordering::Acquire)];
-            let rb = m.row_bytes();
-            loop {
-                let t = taken.fetch_add(1, Ordering::Relaxed);
-                if t >= tasks {
-                    break;
-                }
-                let r0 = t * ROWS_PER_TASK;
-                let mut o = task_out[t].lock().unwrap();
-                (k.gemv)(
-                    &m.bytes()[r0 * rb..(r0 + ROWS_PER_TASK) * rb],
-                    rb,
-                    &x,
-                    &mut o,
-                )
-            }
-        })
-    };
-    let spin = SpinPool::new(THREADS, dynamic_job);
+    let tasks = rows / ROWS_PER_TASK;
+    let counted = Shares::Counter(taken.clone());
+    let spin = SpinPool::new(
+        THREADS,
+        spin_gemv_job(&ms, &x, &current, ROWS_PER_TASK, tasks, counted),
+    );
     g.bench_function(BenchmarkId::new("gemv", "spin, shared task counter"), |b| {
         b.iter(|| {
             current.store(advance(), Ordering::Release);
