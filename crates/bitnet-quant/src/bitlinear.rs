@@ -59,7 +59,7 @@ pub struct BitLinear {
 pub const ROWS_PER_TASK: usize = 64;
 
 // Tasks start on row-group boundaries.
-const _: () = assert!(ROWS_PER_TASK % ROW_GROUP == 0);
+const _: () = assert!(ROWS_PER_TASK.is_multiple_of(ROW_GROUP));
 
 impl BitLinear {
     /// A layer from its weights and scale.
@@ -75,7 +75,10 @@ impl BitLinear {
     /// with each block's exact integer sum `acc_b` scaled separately.
     pub fn with_block_scales(weight: TernaryMatrix, scales: BlockScales) -> Result<Self> {
         let cols = weight.cols();
-        if scales.block == 0 || scales.block % BLOCK_ELEMS != 0 || cols % scales.block != 0 {
+        if scales.block == 0
+            || !scales.block.is_multiple_of(BLOCK_ELEMS)
+            || !cols.is_multiple_of(scales.block)
+        {
             return Err(Error::InvalidInput(format!(
                 "scale blocks of {} weights do not tile rows of {cols}",
                 scales.block
@@ -184,8 +187,14 @@ impl BitLinear {
             .zip(s_x.par_iter())
             .enumerate()
             .for_each(|(t, (yt, &s))| {
-                for (r, yo) in yt.iter_mut().enumerate() {
-                    *yo = self.scale.apply(acc[self.acc_index(tokens, t, r)], s);
+                // Task i's block holds token t's sums of its rows side by side (see
+                // `forward_i32`), so each run of `ROWS_PER_TASK` outputs reads one slice.
+                for (i, yc) in yt.chunks_mut(ROWS_PER_TASK).enumerate() {
+                    let n = yc.len();
+                    let at = i * ROWS_PER_TASK * tokens + t * n;
+                    for (yo, &a) in yc.iter_mut().zip(&acc[at..at + n]) {
+                        *yo = self.scale.apply(a, s);
+                    }
                 }
             });
     }

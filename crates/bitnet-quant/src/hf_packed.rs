@@ -10,7 +10,7 @@ use crate::{Error, Result};
 /// `packed` must hold `out/4 * in` bytes and `out` must be a multiple of 4. The unused code 3
 /// is an error: it means the tensor is not what its name claims.
 pub fn unpack(packed: &[u8], out: usize, cols: usize) -> Result<Vec<i8>> {
-    if out % 4 != 0 {
+    if !out.is_multiple_of(4) {
         return Err(Error::InvalidInput(format!(
             "HF packed weights need out_features divisible by 4, got {out}"
         )));
@@ -42,7 +42,7 @@ pub fn unpack(packed: &[u8], out: usize, cols: usize) -> Result<Vec<i8>> {
 
 /// Packs row-major ternary codes `[out, in]` into the HF layout (the inverse of [`unpack`]).
 pub fn pack(codes: &[i8], out: usize, cols: usize) -> Result<Vec<u8>> {
-    if out % 4 != 0 || codes.len() != out * cols {
+    if !out.is_multiple_of(4) || codes.len() != out * cols {
         return Err(Error::InvalidInput(format!(
             "cannot pack {} codes as [{out}, {cols}] (out must be a multiple of 4)",
             codes.len()

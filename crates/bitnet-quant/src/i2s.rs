@@ -47,7 +47,7 @@ impl I2sLayout {
 }
 
 fn check_len(n: usize, layout: I2sLayout) -> Result<()> {
-    if n % layout.block_elems() != 0 {
+    if !n.is_multiple_of(layout.block_elems()) {
         return Err(Error::InvalidInput(format!(
             "an I2_S tensor ({layout:?} layout) needs a multiple of {} weights, got {n}",
             layout.block_elems()

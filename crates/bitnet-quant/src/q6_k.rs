@@ -82,7 +82,7 @@ pub fn dequantize_q6_k(blocks: &[u8], out: &mut [f32]) {
 /// extreme, which code +32 would need). llama.cpp searches nearby scales for the least squared
 /// error instead; this is the plain rounding.
 pub fn quantize_q6_k(x: &[f32]) -> Result<Vec<u8>> {
-    if x.len() % Q6_K_BLOCK != 0 {
+    if !x.len().is_multiple_of(Q6_K_BLOCK) {
         return Err(Error::InvalidInput(format!(
             "Q6_K needs a multiple of {Q6_K_BLOCK} values, got {}",
             x.len()

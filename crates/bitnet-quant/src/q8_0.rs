@@ -13,7 +13,7 @@ pub const Q8_0_BYTES: usize = 34;
 /// Quantizes `x` (a multiple of 32 values) as ggml does: `d = max|x| / 127`,
 /// `q = round(x / d)` with halves away from zero, `d` stored as f16.
 pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
-    if x.len() % Q8_0_BLOCK != 0 {
+    if !x.len().is_multiple_of(Q8_0_BLOCK) {
         return Err(Error::InvalidInput(format!(
             "Q8_0 needs a multiple of {Q8_0_BLOCK} values, got {}",
             x.len()

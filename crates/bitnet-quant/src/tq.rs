@@ -30,7 +30,7 @@ pub struct BlockTernary {
 }
 
 fn check_shape(data_len: usize, rows: usize, cols: usize, block_bytes: usize) -> Result<usize> {
-    if cols % TQ_BLOCK != 0 {
+    if !cols.is_multiple_of(TQ_BLOCK) {
         return Err(Error::InvalidInput(format!(
             "TQ tensors need rows that are whole blocks of {TQ_BLOCK}, got {cols}"
         )));
@@ -100,7 +100,7 @@ pub fn encode_tq2_0(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> R
 }
 
 fn check_encode(codes: &[i8], scales: &[f32], rows: usize, cols: usize) -> Result<usize> {
-    if cols % TQ_BLOCK != 0 || codes.len() != rows * cols {
+    if !cols.is_multiple_of(TQ_BLOCK) || codes.len() != rows * cols {
         return Err(Error::InvalidInput(format!(
             "cannot encode {} codes as a TQ tensor of [{rows}, {cols}] (rows must be whole \
              blocks of {TQ_BLOCK})",

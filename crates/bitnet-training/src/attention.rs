@@ -488,7 +488,7 @@ pub fn causal_attention(
     rope: &RopeAngles,
 ) -> Result<Tensor> {
     let head_dim = 2 * rope.half;
-    if kv_heads == 0 || heads % kv_heads != 0 || head_dim == 0 {
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
         return Err(candle_core::Error::Msg(format!(
             "causal attention: {heads} heads over {kv_heads} KV heads of {head_dim}"
         ))

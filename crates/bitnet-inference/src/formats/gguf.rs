@@ -788,7 +788,7 @@ impl GgmlType {
     /// or the size overflows.
     pub const fn data_size(self, n_elements: u64) -> Option<u64> {
         let b = self.block_elems();
-        if n_elements % b != 0 {
+        if !n_elements.is_multiple_of(b) {
             return None;
         }
         (n_elements / b).checked_mul(self.block_bytes())
@@ -1309,7 +1309,7 @@ fn tensor_range(
             t.ggml_type
         ))
     })?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(in_tensor(format!(
             "data offset {} is not a multiple of the alignment {alignment}",
             t.offset
@@ -1382,7 +1382,7 @@ pub(crate) fn parse_bytes(bytes: &[u8]) -> PResult<Parsed> {
         .checked_mul(TENSOR_INFO_MIN_BYTES)
         .zip(kv_count.checked_mul(KV_MIN_BYTES))
         .and_then(|(a, b)| a.checked_add(b))
-        .map_or(true, |need| need > r.remaining())
+        .is_none_or(|need| need > r.remaining())
     {
         return Err(format!(
             "header: {tensor_count} tensors and {kv_count} metadata entries cannot fit in the \

@@ -283,7 +283,7 @@ impl<'a> GgufWriter<'a> {
                 })?;
         }
         let block = ggml_type.block_elems();
-        if dims[0] % block != 0 {
+        if !dims[0].is_multiple_of(block) {
             return Err(in_tensor(format!(
                 "first dimension {} is not a multiple of the {ggml_type} block size {block}",
                 dims[0]

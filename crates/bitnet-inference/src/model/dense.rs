@@ -47,8 +47,12 @@ impl DenseFormat {
         match self {
             DenseFormat::F32 => Some(cols * 4),
             DenseFormat::F16 | DenseFormat::BF16 => Some(cols * 2),
-            DenseFormat::Q8_0 => (cols % Q8_0_BLOCK == 0).then_some(cols / Q8_0_BLOCK * Q8_0_BYTES),
-            DenseFormat::Q6_K => (cols % Q6_K_BLOCK == 0).then_some(cols / Q6_K_BLOCK * Q6_K_BYTES),
+            DenseFormat::Q8_0 => cols
+                .is_multiple_of(Q8_0_BLOCK)
+                .then_some(cols / Q8_0_BLOCK * Q8_0_BYTES),
+            DenseFormat::Q6_K => cols
+                .is_multiple_of(Q6_K_BLOCK)
+                .then_some(cols / Q6_K_BLOCK * Q6_K_BYTES),
         }
     }
 
@@ -127,7 +131,8 @@ const HEAD_ROWS_PER_TASK: usize = 256;
 const DECODE_CHUNK: usize = 256;
 
 // Chunks must start at multiples of the running sums (see `dot`) and of the blocks.
-const _: () = assert!(DECODE_CHUNK % DOT_SUMS == 0 && DECODE_CHUNK % Q6_K_BLOCK == 0);
+const _: () =
+    assert!(DECODE_CHUNK.is_multiple_of(DOT_SUMS) && DECODE_CHUNK.is_multiple_of(Q6_K_BLOCK));
 
 impl DenseMatrix {
     /// Wraps `data` holding `rows` rows of `cols` values in `format`.

@@ -73,7 +73,7 @@ fn linear(
                     found: e.dtype.to_string(),
                 });
             }
-            if out % 4 != 0 {
+            if !out.is_multiple_of(4) {
                 return Err(Error::Config(format!(
                     "`{name}`: packed weights need out_features divisible by 4, got {out}"
                 )));

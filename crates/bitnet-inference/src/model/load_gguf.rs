@@ -277,7 +277,7 @@ fn linear(
                     format!("tensor `{name}` has the I2_S scale {scale}"),
                 ));
             }
-            let m = if layout == I2sLayout::X86 && cols % bitnet_quant::BLOCK_ELEMS == 0 {
+            let m = if layout == I2sLayout::X86 && cols.is_multiple_of(bitnet_quant::BLOCK_ELEMS) {
                 // The x86 I2_S block is the runtime block: only the row groups need regrouping.
                 TernaryMatrix::from_row_major(g.tensor_data(t), rows, cols)?
             } else {

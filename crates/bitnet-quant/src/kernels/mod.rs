@@ -4,8 +4,13 @@
 //! kernel computes exact i32 sums, so every implementation must agree bit for bit with
 //! [`scalar`], the reference.
 //!
-//! Sets: `scalar` (everywhere), `avx2` (x86-64 CPUs that report AVX2), `neon` (AArch64) and
-//! `neon-dotprod` (AArch64 CPUs that report the dot-product extension).
+//! Sets: `scalar` (everywhere), `avx2` (x86-64 CPUs that report AVX2), `avxvnni` (AVX2 with
+//! the VEX-encoded `vpdpbusd`: Alder Lake and later Intel cores, AMD Zen 5), `avx512vnni`
+//! (AVX-512 F, BW and VNNI: Ice Lake, Cascade Lake and later Intel servers, AMD Zen 4 and 5),
+//! `amx` (the AVX-512 VNNI set with an AMX-INT8 matrix-matrix product, where Linux grants the
+//! tile registers: Sapphire Rapids and later Xeons), `neon` (AArch64) and `neon-dotprod` (AArch64 CPUs that report the dot-product extension).
+//! The x86 sets other than `avx2` replace only the ternary products; the dense dot products
+//! of the output head are AVX2's in all of them.
 //!
 //! # Overriding the choice
 //!
@@ -41,11 +46,11 @@ pub type GemmFn = fn(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &
 pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
     use crate::ternary::{BLOCK_BYTES, ROW_GROUP};
     assert!(
-        row_bytes > 0 && row_bytes % BLOCK_BYTES == 0,
+        row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES),
         "row_bytes {row_bytes} is not a positive multiple of {BLOCK_BYTES}"
     );
     assert!(
-        w.len() % (ROW_GROUP * row_bytes) == 0,
+        w.len().is_multiple_of(ROW_GROUP * row_bytes),
         "{} weight bytes are not whole groups of {ROW_GROUP} rows of {row_bytes}",
         w.len()
     );
@@ -55,6 +60,26 @@ pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usi
         row_bytes * 4
     );
     w.len() / row_bytes
+}
+
+/// Output rows of a SIMD matrix-matrix call (`out.len() / tokens`, `tokens > 0`), after
+/// [`checked_rows`] and the check that the weights hold that many rows. Panics otherwise (a
+/// caller bug, as for [`checked_rows`]).
+#[allow(dead_code)] // used only by the SIMD modules compiled for this target
+pub(crate) fn checked_gemm_rows(
+    w: &[u8],
+    row_bytes: usize,
+    x_len: usize,
+    tokens: usize,
+    out_len: usize,
+) -> usize {
+    let held = checked_rows(w, row_bytes, x_len, tokens);
+    let rows = out_len / tokens;
+    assert!(
+        rows <= held,
+        "{rows} output rows, but the weights hold {held}"
+    );
+    rows
 }
 
 /// `sum_k w[k] * x[k]` over `min(w.len(), x.len())` values, with [`DOT_SUMS`] = 32 running
@@ -160,6 +185,35 @@ impl Kernels {
         dot_q6_k: x86::avx2::dot_q6_k,
     };
 
+    /// The AVX-VNNI set (x86-64): AVX2's with `vpdpbusd` in the ternary products. Its functions
+    /// fall back to the AVX2 ones without AVX-VNNI.
+    #[cfg(target_arch = "x86_64")]
+    pub const AVXVNNI: Kernels = Kernels {
+        name: "avxvnni",
+        gemv: x86::avxvnni::gemv,
+        gemm: x86::avxvnni::gemm,
+        ..Kernels::AVX2
+    };
+
+    /// The AVX-512 VNNI set (x86-64): 512-bit `vpdpbusd` in the ternary products. Its
+    /// functions fall back to the AVX2 ones without AVX-512 F, BW and VNNI.
+    #[cfg(target_arch = "x86_64")]
+    pub const AVX512VNNI: Kernels = Kernels {
+        name: "avx512vnni",
+        gemv: x86::avx512::gemv,
+        gemm: x86::avx512::gemm,
+        ..Kernels::AVX2
+    };
+
+    /// The AMX set (x86-64): the AVX-512 VNNI set with its matrix-matrix product on AMX-INT8
+    /// tiles. Its product falls back to the AVX-512 VNNI one where the tiles are not granted.
+    #[cfg(target_arch = "x86_64")]
+    pub const AMX: Kernels = Kernels {
+        name: "amx",
+        gemm: x86::amx::gemm,
+        ..Kernels::AVX512VNNI
+    };
+
     /// The NEON set (AArch64, where NEON is always present). Its functions check for NEON on
     /// every call and fall back to the scalar ones without it.
     #[cfg(target_arch = "aarch64")]
@@ -198,6 +252,15 @@ impl Kernels {
         #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") {
             sets.push(&Kernels::AVX2);
+            if x86::avxvnni::detected() {
+                sets.push(&Kernels::AVXVNNI);
+            }
+            if x86::avx512::detected() {
+                sets.push(&Kernels::AVX512VNNI);
+            }
+            if x86::amx::detected() {
+                sets.push(&Kernels::AMX);
+            }
         }
         #[cfg(target_arch = "aarch64")]
         if std::arch::is_aarch64_feature_detected!("neon") {
@@ -564,6 +627,27 @@ mod tests {
     }
 
     #[test]
+    fn all_sets_match_on_prefill_sized_batches() {
+        // Sixteen tokens and more: the AMX set's tiles, with its leftover tokens, partial
+        // row tiles and passes cut short by the rows a call holds.
+        let shapes = [
+            (1, 1),
+            (8, 128),
+            (17, 300),
+            (33, 2560),
+            (70, 1000),
+            (64, 6912),
+        ];
+        for fill in FILLS {
+            for (rows, cols) in shapes {
+                for tokens in [16, 17, 32, 33, 48, 50] {
+                    Case::new(rows, cols, tokens, fill, 0x7A11).check();
+                }
+            }
+        }
+    }
+
+    #[test]
     fn all_sets_ignore_activation_padding() {
         all_shapes(Fill::DirtyPadding);
     }
@@ -626,6 +710,20 @@ mod tests {
         assert_eq!(Kernels::by_name("scalar").unwrap().name, "scalar");
         assert_eq!(Kernels::by_name(" Scalar\n").unwrap().name, "scalar");
         assert!(Kernels::by_name("avx512").is_none());
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert_eq!(
+                names.contains(&"avxvnni"),
+                x86::avxvnni::detected(),
+                "{names:?}"
+            );
+            assert_eq!(
+                names.contains(&"avx512vnni"),
+                x86::avx512::detected(),
+                "{names:?}"
+            );
+            assert_eq!(names.contains(&"amx"), x86::amx::detected(), "{names:?}");
+        }
         assert!(Kernels::by_name("").is_none());
         for k in &sets {
             assert_eq!(Kernels::by_name(k.name).unwrap().name, k.name);
@@ -644,7 +742,7 @@ mod tests {
         fn all_sets_match_on_random_shapes(
             rows in 1usize..70,
             cols in 1usize..3000,
-            tokens in 1usize..11,
+            tokens in 1usize..40,
             fill in 0usize..FILLS.len(),
             seed in any::<u64>(),
         ) {

@@ -40,7 +40,9 @@ use std::arch::aarch64::*;
 use std::arch::asm;
 use std::arch::is_aarch64_feature_detected;
 
-use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
+use crate::kernels::{
+    checked_gemm_rows, checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS,
+};
 use crate::q6_k::{self, Q6_K_BLOCK, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
@@ -89,12 +91,7 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let held = checked_rows(w, row_bytes, x.len(), tokens);
-    let rows = out.len() / tokens;
-    assert!(
-        rows <= held,
-        "{rows} output rows, but the weights hold {held}"
-    );
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
     // SAFETY: NEON was detected just above and `DOT` is false; `checked_rows` and the assert
     // above guarantee that `w` is whole row groups holding `rows` rows of `row_bytes` (a
     // positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4` activations and
@@ -126,12 +123,7 @@ pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &m
     if tokens == 0 {
         return;
     }
-    let held = checked_rows(w, row_bytes, x.len(), tokens);
-    let rows = out.len() / tokens;
-    assert!(
-        rows <= held,
-        "{rows} output rows, but the weights hold {held}"
-    );
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
     // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true; `checked_rows`
     // and the assert above guarantee that `w` is whole row groups holding `rows` rows of
     // `row_bytes` (a positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4`
@@ -156,7 +148,7 @@ unsafe fn products<const DOT: bool>(
     tokens: usize,
     out: &mut [i32],
 ) {
-    debug_assert!(row_bytes > 0 && row_bytes % BLOCK_BYTES == 0);
+    debug_assert!(row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES));
     debug_assert!(w.len() >= rows * row_bytes);
     debug_assert!(x.len() >= tokens * row_bytes * 4);
     debug_assert!(out.len() >= tokens * rows);
@@ -201,7 +193,7 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
         // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
         *s = sum_x(xs[t * k..].as_ptr(), blocks);
     }
-    const { assert!(ROW_GROUP % R == 0) };
+    const { assert!(ROW_GROUP.is_multiple_of(R)) };
     let mut r = 0;
     while r + R <= rows {
         // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,

@@ -34,7 +34,9 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS};
+use crate::kernels::{
+    checked_gemm_rows, checked_rows, combine_q8_sums, combine_sums, scalar, DOT_SUMS, Q8_DOT_SUMS,
+};
 use crate::q6_k::{Q6_K_BLOCK, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
@@ -46,14 +48,14 @@ const FLUSH_BLOCKS: usize = 8;
 const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
 
 /// Rows of weights per tile when streaming one token (decode): one whole row group.
-const GEMV_ROWS: usize = ROW_GROUP;
+pub(super) const GEMV_ROWS: usize = ROW_GROUP;
 
 /// How far ahead of a row group's stream its tile prefetches (see the module docs; 1 KB
 /// measured 12.5 GB/s, 2 KB 14.2, 4 KB 13.8).
-const PREFETCH_BYTES: usize = 2048;
+pub(super) const PREFETCH_BYTES: usize = 2048;
 
 /// Bytes from one block of a row to its next: the blocks of a group's rows are interleaved.
-const BLOCK_STEP: usize = ROW_GROUP * BLOCK_BYTES;
+pub(super) const BLOCK_STEP: usize = ROW_GROUP * BLOCK_BYTES;
 
 /// AVX2 matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
 /// [`scalar::gemv`]; on a CPU without AVX2 it calls it.
@@ -67,7 +69,7 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
     // positive multiple of 32, that `w` is whole row groups and that `x` holds `row_bytes * 4`
     // activations; `rows` rows fit in `w` and `rows` outputs fit in `out`, which is all
     // `products` reads and writes.
-    unsafe { products(w, row_bytes, rows, x, 1, out) }
+    unsafe { products::<Maddubs>(w, row_bytes, rows, x, 1, out) }
 }
 
 /// AVX2 matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
@@ -79,28 +81,59 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let held = checked_rows(w, row_bytes, x.len(), tokens);
-    let rows = out.len() / tokens;
-    assert!(
-        rows <= held,
-        "{rows} output rows, but the weights hold {held}"
-    );
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
     // SAFETY: AVX2 was detected just above; `checked_rows` and the assert above guarantee
     // that `w` is whole row groups holding `rows` rows of `row_bytes` (a positive multiple of
     // 32), `x` holds `tokens` rows of `row_bytes * 4` activations and `out` holds
     // `tokens * rows` outputs.
-    unsafe { products(w, row_bytes, rows, x, tokens, out) }
+    unsafe { products::<Maddubs>(w, row_bytes, rows, x, tokens, out) }
 }
 
-/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`.
+/// The inner loop of the products: `sum_k c[r, k] * x[t, k]` for a tile of `R` rows of one row
+/// group and `T` activation rows. AVX2 has one ([`Maddubs`]); the AVX-VNNI set has another,
+/// and shares the rest of this module's products.
+pub(super) trait Tile {
+    /// See [`tile`], whose contract this has, with the implementor's features in place of
+    /// AVX2's.
+    ///
+    /// # Safety
+    ///
+    /// As [`tile`].
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: *const u8,
+        x: *const i8,
+        x_stride: usize,
+        blocks: usize,
+    ) -> [[i32; T]; R];
+}
+
+/// AVX2's tile: `vpmaddubsw` into i16 lanes, widened every [`FLUSH_BLOCKS`] blocks.
+pub(super) struct Maddubs;
+
+impl Tile for Maddubs {
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn tile<const R: usize, const T: usize>(
+        w: *const u8,
+        x: *const i8,
+        x_stride: usize,
+        blocks: usize,
+    ) -> [[i32; T]; R] {
+        // SAFETY: the caller's guarantees are `tile`'s.
+        unsafe { tile::<R, T>(w, x, x_stride, blocks) }
+    }
+}
+
+/// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`, with the tiles
+/// of `K`.
 ///
 /// # Safety
 ///
-/// AVX2 must be available. `row_bytes` must be a positive multiple of [`BLOCK_BYTES`], `w` must
+/// AVX2 and the features of `K` must be available. `row_bytes` must be a positive multiple of [`BLOCK_BYTES`], `w` must
 /// hold whole row groups of at least `rows` rows of `row_bytes` bytes, `x` at least
 /// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
 #[target_feature(enable = "avx2")]
-unsafe fn products(
+pub(super) unsafe fn products<K: Tile>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -108,7 +141,7 @@ unsafe fn products(
     tokens: usize,
     out: &mut [i32],
 ) {
-    debug_assert!(row_bytes > 0 && row_bytes % BLOCK_BYTES == 0);
+    debug_assert!(row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES));
     debug_assert!(w.len() >= rows * row_bytes);
     debug_assert!(x.len() >= tokens * row_bytes * 4);
     debug_assert!(out.len() >= tokens * rows);
@@ -116,14 +149,14 @@ unsafe fn products(
     let mut t0 = 0;
     while t0 + 4 <= tokens {
         // SAFETY (for these calls): the caller's guarantees, with `t0 + T <= tokens`.
-        group::<1, 4>(w, row_bytes, rows, x, t0, out);
+        group::<K, 1, 4>(w, row_bytes, rows, x, t0, out);
         t0 += 4;
     }
     match tokens - t0 {
         0 => {}
-        1 => group::<GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
-        2 => group::<2, 2>(w, row_bytes, rows, x, t0, out),
-        _ => group::<1, 3>(w, row_bytes, rows, x, t0, out),
+        1 => group::<K, GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
+        2 => group::<K, 2, 2>(w, row_bytes, rows, x, t0, out),
+        _ => group::<K, 1, 3>(w, row_bytes, rows, x, t0, out),
     }
 }
 
@@ -136,7 +169,7 @@ unsafe fn products(
 /// As [`products`], with `t0 + T <= tokens`.
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn group<const R: usize, const T: usize>(
+unsafe fn group<K: Tile, const R: usize, const T: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -146,19 +179,13 @@ unsafe fn group<const R: usize, const T: usize>(
 ) {
     let blocks = row_bytes / BLOCK_BYTES;
     let k = blocks * BLOCK_ELEMS;
-    // In bounds: `x` holds at least `(t0 + T) * k` activations.
-    let xs = &x[t0 * k..(t0 + T) * k];
-    let mut sums = [0i32; T];
-    for (t, s) in sums.iter_mut().enumerate() {
-        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
-        *s = sum_x(xs[t * k..].as_ptr(), blocks);
-    }
-    const { assert!(ROW_GROUP % R == 0) };
+    let (xs, sums) = token_rows::<T>(x, t0, blocks);
+    const { assert!(ROW_GROUP.is_multiple_of(R)) };
     let mut r = 0;
     while r + R <= rows {
         // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,
         // and the `T` activation rows of `xs` are `k` apart and `k` long.
-        let d = tile::<R, T>(
+        let d = K::tile::<R, T>(
             w[block_offset(row_bytes, r, 0)..].as_ptr(),
             xs.as_ptr(),
             k,
@@ -173,7 +200,7 @@ unsafe fn group<const R: usize, const T: usize>(
     }
     while r < rows {
         // SAFETY: as above, for the single row `r < rows`.
-        let d = tile::<1, T>(
+        let d = K::tile::<1, T>(
             w[block_offset(row_bytes, r, 0)..].as_ptr(),
             xs.as_ptr(),
             k,
@@ -271,6 +298,21 @@ unsafe fn tile<const R: usize, const T: usize>(
     out
 }
 
+/// The `T` activation rows from token `t0` (rows of `blocks * 128`) and the sum of each.
+/// Panics if `x` holds fewer than `t0 + T` rows.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn token_rows<const T: usize>(x: &[i8], t0: usize, blocks: usize) -> (&[i8], [i32; T]) {
+    let k = blocks * BLOCK_ELEMS;
+    let xs = &x[t0 * k..(t0 + T) * k];
+    let mut sums = [0i32; T];
+    for (t, s) in sums.iter_mut().enumerate() {
+        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations; AVX2 is enabled.
+        *s = unsafe { sum_x(xs[t * k..].as_ptr(), blocks) };
+    }
+    (xs, sums)
+}
+
 /// `sum_k x[k]` over `blocks * 128` activations.
 ///
 /// # Safety
@@ -304,7 +346,7 @@ unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
 /// The sum of the eight i32 lanes (wrapping, like the lanes themselves).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn hsum(v: __m256i) -> i32 {
+pub(super) fn hsum(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));

@@ -4,4 +4,7 @@
 //!
 //! [`scalar`]: super::scalar
 
+pub mod amx;
 pub mod avx2;
+pub mod avx512;
+pub mod avxvnni;
