@@ -6,7 +6,7 @@ mod load_gguf;
 pub mod ops;
 
 use bitnet_core::ScratchArena;
-use bitnet_quant::kernels::{combine_lanes, Kernels};
+use bitnet_quant::kernels::Kernels;
 use bitnet_quant::{quantize_activations, BitLinear};
 use rayon::prelude::*;
 
@@ -442,15 +442,13 @@ impl Model {
                             let sc = &mut sc[..start + i + 1];
                             for (j, s) in sc.iter_mut().enumerate() {
                                 let kr = &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                *s = dot(qv, kr) * scale;
+                                *s = (kern.dot_f32)(qv, kr) * scale;
                             }
                             ops::softmax(sc);
                             out.fill(0.0);
                             for (j, &w) in sc.iter().enumerate() {
                                 let vr = &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                for (o, &vv) in out.iter_mut().zip(vr) {
-                                    *o += w * vv;
-                                }
+                                (kern.axpy_f32)(out, w, vr);
                             }
                         }
                     });
@@ -590,22 +588,4 @@ fn add_in_place(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
     }
-}
-
-/// `sum_k a[k] * b[k]` with eight running sums (sum `j` takes `k = j mod 8`) combined by
-/// [`combine_lanes`], so the compiler can keep them in one vector register; a single running
-/// sum forces one addition at a time.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (a8, b8) in ac.zip(bc) {
-        for j in 0..8 {
-            acc[j] += a8[j] * b8[j];
-        }
-    }
-    for (j, (x, y)) in ar.iter().zip(br).enumerate() {
-        acc[j] += x * y;
-    }
-    combine_lanes(&acc)
 }

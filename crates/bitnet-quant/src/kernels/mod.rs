@@ -89,6 +89,16 @@ pub(crate) fn checked_gemm_rows(
 /// one vector's add latency would otherwise serialise.)
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
+/// `sum_k a[k] * b[k]` over `min(a.len(), b.len())` f32 values in the order of
+/// [`DotF16Fn`] ([`DOT_SUMS`] running sums, products rounded before they are added, combined by
+/// [`combine_sums`]): the attention's query-key products.
+pub type DotF32Fn = fn(a: &[f32], b: &[f32]) -> f32;
+
+/// `y[i] += a * x[i]` for `i < min(y.len(), x.len())`, each product rounded before the
+/// addition (no fused multiply-add), so every implementation gives the same bits: the
+/// attention's weighted sum of values.
+pub type AxpyF32Fn = fn(y: &mut [f32], a: f32, x: &[f32]);
+
 /// The dot product of a row of ggml Q8_0 blocks (f16 `d_w`, 32 int8 `q_w`) with activations
 /// quantized the same way ([`crate::q8_0::quantize_q8_0_activations`]: int8 `xq` in
 /// `[-127, 127]`, one f32 scale `xd[b]` per block), over `min(blocks, xd.len())` blocks.
@@ -150,6 +160,10 @@ pub struct Kernels {
     pub gemm: GemmFn,
     /// Dot product of an f16 row with f32 values (the output head).
     pub dot_f16: DotF16Fn,
+    /// Dot product of two f32 rows (attention scores).
+    pub dot_f32: DotF32Fn,
+    /// `y += a * x` over f32 rows (attention's weighted values).
+    pub axpy_f32: AxpyF32Fn,
     /// Dot product of a Q8_0 row with f32 values (a quantized output head).
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
@@ -169,6 +183,8 @@ impl Kernels {
         gemv: scalar::gemv,
         gemm: scalar::gemm,
         dot_f16: scalar::dot_f16,
+        dot_f32: scalar::dot_f32,
+        axpy_f32: scalar::axpy_f32,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
     };
@@ -181,6 +197,8 @@ impl Kernels {
         gemv: x86::avx2::gemv,
         gemm: x86::avx2::gemm,
         dot_f16: x86::avx2::dot_f16,
+        dot_f32: x86::avx2::dot_f32,
+        axpy_f32: x86::avx2::axpy_f32,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
     };
@@ -222,6 +240,8 @@ impl Kernels {
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
         dot_f16: aarch64::neon::dot_f16,
+        dot_f32: aarch64::neon::dot_f32,
+        axpy_f32: aarch64::neon::axpy_f32,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -234,6 +254,8 @@ impl Kernels {
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
         dot_f16: aarch64::neon::dot_f16,
+        dot_f32: aarch64::neon::dot_f32,
+        axpy_f32: aarch64::neon::axpy_f32,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -428,6 +450,47 @@ mod tests {
                     "{} n={n}",
                     k.name
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn dot_f32_and_axpy_f32_sets_match_scalar_bit_for_bit() {
+        let mut bits = xorshift(0x0bad_cafe_f00d_1234u64);
+        let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 64, 127, 128, 129, 1000] {
+            let a: Vec<f32> = (0..n).map(|_| next() * 3.0).collect();
+            let b: Vec<f32> = (0..n + 3).map(|_| next() * 0.5).collect();
+            let want = scalar::dot_f32(&a, &b);
+            // The value against f64 arithmetic, the kernels for the bits.
+            let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            let size: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(&x, &y)| (x as f64 * y as f64).abs())
+                .sum();
+            assert!((want as f64 - exact).abs() <= 1e-6 * (1.0 + size), "n={n}");
+            let w = next();
+            let mut want_y = b.clone();
+            scalar::axpy_f32(&mut want_y, w, &a);
+            for (i, (&y, &y0)) in want_y.iter().zip(&b).enumerate() {
+                let expect = if i < n { y0 + w * a[i] } else { y0 };
+                assert_eq!(y.to_bits(), expect.to_bits(), "axpy n={n} i={i}");
+            }
+            for k in Kernels::available() {
+                assert_eq!(
+                    (k.dot_f32)(&a, &b).to_bits(),
+                    want.to_bits(),
+                    "{} dot n={n}",
+                    k.name
+                );
+                let mut y = b.clone();
+                (k.axpy_f32)(&mut y, w, &a);
+                let same = y
+                    .iter()
+                    .zip(&want_y)
+                    .all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{} axpy n={n}", k.name);
             }
         }
     }

@@ -57,6 +57,22 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     combine_sums(&acc)
 }
 
+/// Reference f32 dot product; see [`super::DotF32Fn`] for the summation order.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; DOT_SUMS];
+    for (k, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[k % DOT_SUMS] += x * y;
+    }
+    combine_sums(&acc)
+}
+
+/// Reference `y += a * x`; see [`super::AxpyF32Fn`].
+pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yv, &xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
 /// Reference Q8_0 x Q8_0-activation dot product; see [`super::DotQ8_0Fn`] for the order.
 pub fn dot_q8_0(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
     let mut acc = [0f32; Q8_DOT_SUMS];
