@@ -6,7 +6,7 @@
 #
 # usage: scripts/bench_vs_llamacpp.sh [--reps R] [--threads "1 2"] [--keep DIR]
 #                                     [--formats "tq2_0 tq1_0 tq2_0-q8head tq2_0-q6khead"]
-#                                     [--dry-run]
+#                                     [--tg-prefix K] [--dry-run]
 #
 #   --reps R        timed runs of each phase per engine (default 5, after one warm-up)
 #   --threads LIST  thread counts, space-separated (default "1 2")
@@ -17,6 +17,8 @@
 #                   tq1_0 linears with an f16 head, or tq2_0-q8head / tq2_0-q6khead, TQ2_0
 #                   linears with a Q8_0 / Q6_K embedding and head (both engines then read the
 #                   head's Q8_0 / Q6_K blocks; Q6_K is what llama.cpp's quantizer gives heads)
+#   --tg-prefix K   generation runs start with K tokens already in the cache (filled in one
+#                   untimed batch by each engine): decoding at context length K (default 0)
 #   --dry-run       print the commands instead of running them
 #
 # Environment:
@@ -58,12 +60,14 @@ threads_list="1 2"
 keep=""
 formats="tq2_0 tq1_0 tq2_0-q8head tq2_0-q6khead"
 dry_run=0
+tg_prefix=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --reps) reps=${2:?--reps needs a value}; shift 2 ;;
         --threads) threads_list=${2:?--threads needs a value}; shift 2 ;;
         --keep) keep=${2:?--keep needs a folder}; shift 2 ;;
         --formats) formats=${2:?--formats needs a value}; shift 2 ;;
+        --tg-prefix) tg_prefix=${2:?--tg-prefix needs a value}; shift 2 ;;
         --dry-run) dry_run=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown argument: $1 (see --help)" >&2; exit 2 ;;
@@ -179,11 +183,12 @@ done
 
 # --- benchmarks ---------------------------------------------------------------------
 ours() {
-    run "$bitnet" bench --model "$1" -p "$prompt" -n "$gen" --reps "$reps" --threads "$2" --json
+    run "$bitnet" bench --model "$1" -p "$prompt" -n "$gen" --reps "$reps" --threads "$2" \
+        --tg-prefix "$tg_prefix" --json
 }
 theirs() {
     run "$vpy" scripts/llamacpp_bench.py --model "$1" --threads "$2" -p "$prompt" -n "$gen" \
-        --reps "$reps" --flash-attn "$flash_attn"
+        --reps "$reps" --flash-attn "$flash_attn" --tg-prefix "$tg_prefix"
 }
 # Runs one engine and appends its JSON line, tagged with the format, to results.jsonl.
 record() {

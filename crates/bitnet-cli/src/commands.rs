@@ -471,6 +471,10 @@ pub struct BenchArgs {
     /// Tokens per generation run (0 skips it).
     #[arg(short = 'n', long = "gen", default_value_t = 64)]
     gen_tokens: usize,
+    /// Tokens already in the cache when each generation run starts (filled by one untimed
+    /// batch), to measure decoding at that context length.
+    #[arg(long = "tg-prefix", default_value_t = 0)]
+    tg_prefix: usize,
     /// Runs of each phase (after one untimed warm-up).
     #[arg(long, default_value_t = 5)]
     reps: usize,
@@ -491,6 +495,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         &BenchConfig {
             prompt_tokens: a.prompt_tokens,
             gen_tokens: a.gen_tokens,
+            tg_prefix: a.tg_prefix,
             reps: a.reps,
         },
     )?;
@@ -524,8 +529,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         )?;
     }
     if let Some(tg) = r.tg {
+        let at = if r.tg_prefix > 0 {
+            format!(" after {} tokens", r.tg_prefix)
+        } else {
+            String::new()
+        };
         outln!(
-            "tg{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs)",
+            "tg{:<5} {:>9.2} tokens/s (min {:.2}, max {:.2}, {} runs){at}",
             r.gen_tokens,
             tg.median,
             tg.min,

@@ -439,6 +439,25 @@ fn bench_reports_rates_as_json() {
     ]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert!(v["pp_tokens_per_s"].is_null() && v["tg_tokens_per_s"].as_f64().is_some());
+    // Generation after a prefix in the cache; a prefix past the model's context is an error.
+    let tiny = fixture("gguf/tiny-bitnet-TQ2_0.gguf");
+    let args = [
+        "bench",
+        "--model",
+        tiny.to_str().unwrap(),
+        "-p",
+        "0",
+        "-n",
+        "2",
+    ];
+    let o = bitnet(&[&args[..], &["--tg-prefix", "40", "--reps", "1", "--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tg_prefix"], 40);
+    assert!(v["tg_tokens_per_s"].as_f64().unwrap() > 0.0);
+    let o = bitnet(&[&args[..], &["--tg-prefix", "99999999999", "--reps", "1"]].concat());
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("context"), "{}", stderr(&o));
 }
 
 /// Without `--model`, `generate` runs the built-in model (no file needed), deterministically

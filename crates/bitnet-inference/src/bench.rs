@@ -1,6 +1,7 @@
 //! Throughput measurement in the manner of llama-bench: prompt processing (one batched forward
 //! pass of `p` tokens from an empty cache) and generation (`n` single-token steps from an empty
-//! cache), each repeated, reported as medians with their spread.
+//! cache, or from a cache already holding an untimed prefix of `tg_prefix` tokens, where the
+//! attention over a long context shows), each repeated, reported as medians with their spread.
 
 use std::time::Instant;
 
@@ -16,6 +17,8 @@ pub struct BenchConfig {
     pub prompt_tokens: usize,
     /// Tokens per generation run (0 skips the phase).
     pub gen_tokens: usize,
+    /// Tokens in the cache before each generation run (processed in one untimed batch).
+    pub tg_prefix: usize,
     /// Runs of each phase.
     pub reps: usize,
 }
@@ -58,6 +61,8 @@ pub struct BenchReport {
     pub prompt_tokens: usize,
     /// Generated tokens per run.
     pub gen_tokens: usize,
+    /// Tokens in the cache before each generation run.
+    pub tg_prefix: usize,
     /// Runs of each phase.
     pub reps: usize,
     /// Worker threads.
@@ -83,8 +88,8 @@ impl BenchReport {
 }
 
 /// Deterministic token ids spread over the vocabulary (the content does not change the work).
-fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
-    let mut s: u64 = 0x9E37_79B9_7F4A_7C15;
+fn bench_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s: u64 = seed;
     (0..n)
         .map(|_| {
             s ^= s << 13;
@@ -101,12 +106,36 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
     let reps = cfg.reps.max(1);
     let mut scratch = ScratchArena::new();
     let mut logits = vec![0f32; vocab];
-    let mut cache = model.new_cache(cfg.prompt_tokens.max(cfg.gen_tokens).max(1))?;
-    let prompt = bench_tokens(cfg.prompt_tokens, vocab);
-    let gen = bench_tokens(cfg.gen_tokens, vocab);
-    // Tokens per second feeding `tokens` from an empty cache, `step` at a time.
-    let mut rate = |tokens: &[u32], step: usize| -> Result<f64> {
+    let capacity = cfg
+        .prompt_tokens
+        .max(cfg.tg_prefix.saturating_add(cfg.gen_tokens))
+        .max(1);
+    let max_positions = model.config().max_position_embeddings;
+    if capacity > max_positions {
+        return Err(crate::Error::InvalidInput(format!(
+            "the benchmark needs {capacity} positions (-p {}, or --tg-prefix {} plus -n {}), \
+             but the model's context is {max_positions}",
+            cfg.prompt_tokens, cfg.tg_prefix, cfg.gen_tokens
+        )));
+    }
+    let mut cache = model.new_cache(capacity)?;
+    let prompt = bench_tokens(cfg.prompt_tokens, vocab, 0x9E37_79B9_7F4A_7C15);
+    let gen = bench_tokens(cfg.gen_tokens, vocab, 0x9E37_79B9_7F4A_7C15);
+    let prefix = bench_tokens(cfg.tg_prefix, vocab, 0xD1B5_4A32_D192_ED03);
+    // Tokens per second feeding `tokens`, `step` at a time, after `prefix` (untimed).
+    let mut rate = |prefix: &[u32], tokens: &[u32], step: usize| -> Result<f64> {
         cache.clear();
+        if !prefix.is_empty() {
+            model.forward(
+                &mut [SeqStep {
+                    tokens: prefix,
+                    cache: &mut cache,
+                    logits: LogitsFor::Last,
+                }],
+                &mut scratch,
+                &mut logits,
+            )?;
+        }
         let t = Instant::now();
         for chunk in tokens.chunks(step) {
             model.forward(
@@ -126,13 +155,13 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
     let mut tg = Vec::new();
     for rep in 0..=reps {
         if cfg.prompt_tokens > 0 {
-            let r = rate(&prompt, prompt.len())?;
+            let r = rate(&[], &prompt, prompt.len())?;
             if rep > 0 {
                 pp.push(r);
             }
         }
         if cfg.gen_tokens > 0 {
-            let r = rate(&gen, 1)?;
+            let r = rate(&prefix, &gen, 1)?;
             if rep > 0 {
                 tg.push(r);
             }
@@ -141,6 +170,7 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
     Ok(BenchReport {
         prompt_tokens: cfg.prompt_tokens,
         gen_tokens: cfg.gen_tokens,
+        tg_prefix: cfg.tg_prefix,
         reps,
         threads: rayon::current_num_threads(),
         pp: Rate::of(pp),
@@ -161,7 +191,7 @@ mod tests {
         assert_eq!((r.median, r.min, r.max), (2.0, 1.0, 3.0));
         assert_eq!(Rate::of(vec![4.0, 1.0, 2.0, 3.0]).unwrap().median, 2.5);
         assert!(Rate::of(vec![]).is_none());
-        let t = bench_tokens(100, 7);
+        let t = bench_tokens(100, 7, 1);
         assert!(t.iter().all(|&x| x < 7) && t.iter().any(|&x| x != t[0]));
     }
 }
