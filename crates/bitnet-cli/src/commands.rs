@@ -9,6 +9,7 @@ use bitnet_core::{init_global_pool, ScratchArena};
 use bitnet_inference::config::Activation;
 use bitnet_inference::convert::{convert_to_gguf, ConvertOptions, EmbeddingType, LinearType};
 use bitnet_inference::generate::{generate as run_generation, GenerateOptions};
+use bitnet_inference::kv_cache::KvType;
 use bitnet_inference::loader::{self, LoadOptions, LoadedModel, ModelKind};
 use bitnet_inference::model::{DenseFormat, GgufOptions, LogitsFor, SeqStep};
 use bitnet_inference::sampler::SamplerConfig;
@@ -36,6 +37,11 @@ pub struct ModelArgs {
     /// q8_0 halves the head's bytes per token against f16, q6_k takes 41%.
     #[arg(long)]
     head_type: Option<String>,
+    /// How the KV cache stores keys and values: f32 (exact, the default) or f16 (half the
+    /// memory and of the bytes each generated token reads back at long contexts, like
+    /// llama.cpp's default; keys and values rounded to f16).
+    #[arg(long, default_value = "f32")]
+    kv_type: String,
 }
 
 impl ModelArgs {
@@ -64,12 +70,14 @@ impl ModelArgs {
     fn load(&self) -> Result<(LoadedModel, f64)> {
         let t = Instant::now();
         let opts = self.options()?;
-        let m = if self.is_builtin() {
+        let kv_type = KvType::parse(&self.kv_type)?;
+        let mut m = if self.is_builtin() {
             bitnet_inference::builtin::load_builtin(&opts).context("loading the built-in model")?
         } else {
             loader::load(&self.model, &opts)
                 .with_context(|| format!("loading {}", self.model.display()))?
         };
+        m.model.set_kv_type(kv_type);
         Ok((m, t.elapsed().as_secs_f64()))
     }
 }

@@ -14,7 +14,7 @@ pub use dense::{DenseFormat, DenseMatrix};
 pub use load_gguf::{config_from_gguf, GgufOptions, GGUF_ARCHITECTURES, I2S_LAYOUT_KEY};
 
 use crate::config::{Activation, ModelConfig};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvLayer, KvType};
 use crate::{Error, Result};
 
 /// Parallel attention groups per worker thread: enough to balance uneven sequence lengths.
@@ -119,6 +119,7 @@ pub struct Model {
     layers: Vec<Layer>,
     inv_freq: Vec<f32>,
     kernels: &'static Kernels,
+    kv_type: KvType,
 }
 
 impl Model {
@@ -197,6 +198,7 @@ impl Model {
             layers,
             inv_freq,
             kernels: Kernels::get(),
+            kv_type: KvType::F32,
         })
     }
 
@@ -264,7 +266,18 @@ impl Model {
 
     /// A KV cache for this model holding up to `capacity` positions.
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
-        KvCache::new(&self.config, capacity)
+        KvCache::with_type(&self.config, capacity, self.kv_type)
+    }
+
+    /// The type of the caches [`Self::new_cache`] makes (f32 unless set).
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// Makes [`Self::new_cache`] store keys and values as `kv_type` (caches made before keep
+    /// theirs; [`Self::forward`] reads either).
+    pub fn set_kv_type(&mut self, kv_type: KvType) {
+        self.kv_type = kv_type;
     }
 
     /// Bytes of weights streamed per generated token (ternary layers plus the head).
@@ -417,41 +430,29 @@ impl Model {
                     for head in q[t * qd..(t + 1) * qd].chunks_exact_mut(hd) {
                         ops::rope_apply(head, cs);
                     }
-                    let (kc, vc) = step.cache.row_mut(li, start + i);
-                    kc.copy_from_slice(&k[t * kvd..(t + 1) * kvd]);
-                    for head in kc.chunks_exact_mut(hd) {
+                    let kt = &mut k[t * kvd..(t + 1) * kvd];
+                    for head in kt.chunks_exact_mut(hd) {
                         ops::rope_apply(head, cs);
                     }
-                    vc.copy_from_slice(&v[t * kvd..(t + 1) * kvd]);
+                    step.cache
+                        .write_row(li, start + i, kt, &v[t * kvd..(t + 1) * kvd]);
                 }
-                let cache: &KvCache = step.cache;
-                let (keys, values) = (cache.keys(li), cache.values(li));
-                let group = nh / nkv;
-                let q_seq = &q[t0 * qd..(t0 + n) * qd];
-                let per_group = (n * nh).div_ceil(groups);
-                att[t0 * qd..(t0 + n) * qd]
-                    .par_chunks_mut(per_group * hd)
-                    .zip(scores.par_chunks_mut(ctx_cap))
-                    .enumerate()
-                    .for_each(|(g, (outs, sc))| {
-                        for (p, out) in outs.chunks_exact_mut(hd).enumerate() {
-                            let idx = g * per_group + p;
-                            let (i, head) = (idx / nh, idx % nh);
-                            let kvh = head / group;
-                            let qv = &q_seq[i * qd + head * hd..i * qd + (head + 1) * hd];
-                            let sc = &mut sc[..start + i + 1];
-                            for (j, s) in sc.iter_mut().enumerate() {
-                                let kr = &keys[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                *s = (kern.dot_f32)(qv, kr) * scale;
-                            }
-                            ops::softmax(sc);
-                            out.fill(0.0);
-                            for (j, &w) in sc.iter().enumerate() {
-                                let vr = &values[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                                (kern.axpy_f32)(out, w, vr);
-                            }
-                        }
-                    });
+                let at = Attention {
+                    kern,
+                    q: &q[t0 * qd..(t0 + n) * qd],
+                    start,
+                    heads: nh,
+                    group: nh / nkv,
+                    head_dim: hd,
+                    kv_dim: kvd,
+                    scale,
+                    per_group: (n * nh).div_ceil(groups),
+                };
+                let out = &mut att[t0 * qd..(t0 + n) * qd];
+                match step.cache.layer(li) {
+                    KvLayer::F32 { keys, values } => at.run(keys, values, out, scores, ctx_cap),
+                    KvLayer::F16 { keys, values } => at.run(keys, values, out, scores, ctx_cap),
+                }
                 t0 += n;
             }
             norm_quantize(
@@ -556,6 +557,85 @@ impl Model {
             t0 += n;
         }
         Ok(())
+    }
+}
+
+/// Causal attention of one sequence's new tokens over its cache, in parallel groups of
+/// (token, head) pairs.
+struct Attention<'a> {
+    kern: &'static Kernels,
+    /// The new tokens' queries (after RoPE), `[n, heads * head_dim]`.
+    q: &'a [f32],
+    /// Cache positions before the new tokens.
+    start: usize,
+    heads: usize,
+    /// Query heads per KV head.
+    group: usize,
+    head_dim: usize,
+    kv_dim: usize,
+    /// `1 / sqrt(head_dim)`.
+    scale: f32,
+    /// (token, head) pairs per parallel group.
+    per_group: usize,
+}
+
+impl Attention<'_> {
+    /// Writes each (token, head)'s softmax-weighted sum of values into `out` (laid out as
+    /// `q`), with one `ctx_cap`-long score row of `scores` per group.
+    fn run<E: CacheValue>(
+        &self,
+        keys: &[E],
+        values: &[E],
+        out: &mut [f32],
+        scores: &mut [f32],
+        ctx_cap: usize,
+    ) {
+        let (hd, kvd, nh) = (self.head_dim, self.kv_dim, self.heads);
+        out.par_chunks_mut(self.per_group * hd)
+            .zip(scores.par_chunks_mut(ctx_cap))
+            .enumerate()
+            .for_each(|(g, (outs, sc))| {
+                for (p, out) in outs.chunks_exact_mut(hd).enumerate() {
+                    let idx = g * self.per_group + p;
+                    let (i, head) = (idx / nh, idx % nh);
+                    let kv = (head / self.group) * hd;
+                    let qv = &self.q[i * nh * hd + head * hd..i * nh * hd + (head + 1) * hd];
+                    let sc = &mut sc[..self.start + i + 1];
+                    E::scores(self.kern, qv, &keys[kv..], kvd, sc);
+                    for s in sc.iter_mut() {
+                        *s *= self.scale;
+                    }
+                    ops::softmax(sc);
+                    out.fill(0.0);
+                    E::mix(self.kern, out, sc, &values[kv..], kvd);
+                }
+            });
+    }
+}
+
+/// An element of the KV cache, with the kernels that read it.
+trait CacheValue: Copy + Send + Sync {
+    /// `scores[j] = q . keys[j * stride..]` (see [`bitnet_quant::kernels::ScoreRowsFn`]).
+    fn scores(kern: &Kernels, q: &[f32], keys: &[Self], stride: usize, scores: &mut [f32]);
+    /// `out += sum_j w[j] * values[j * stride..]` (see [`bitnet_quant::kernels::MixRowsFn`]).
+    fn mix(kern: &Kernels, out: &mut [f32], w: &[f32], values: &[Self], stride: usize);
+}
+
+impl CacheValue for f32 {
+    fn scores(kern: &Kernels, q: &[f32], keys: &[f32], stride: usize, scores: &mut [f32]) {
+        (kern.score_rows_f32)(q, keys, stride, scores)
+    }
+    fn mix(kern: &Kernels, out: &mut [f32], w: &[f32], values: &[f32], stride: usize) {
+        (kern.mix_rows_f32)(out, w, values, stride)
+    }
+}
+
+impl CacheValue for half::f16 {
+    fn scores(kern: &Kernels, q: &[f32], keys: &[half::f16], stride: usize, scores: &mut [f32]) {
+        (kern.score_rows_f16)(q, keys, stride, scores)
+    }
+    fn mix(kern: &Kernels, out: &mut [f32], w: &[f32], values: &[half::f16], stride: usize) {
+        (kern.mix_rows_f16)(out, w, values, stride)
     }
 }
 

@@ -89,15 +89,38 @@ pub(crate) fn checked_gemm_rows(
 /// one vector's add latency would otherwise serialise.)
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
-/// `sum_k a[k] * b[k]` over `min(a.len(), b.len())` f32 values in the order of
-/// [`DotF16Fn`] ([`DOT_SUMS`] running sums, products rounded before they are added, combined by
-/// [`combine_sums`]): the attention's query-key products.
-pub type DotF32Fn = fn(a: &[f32], b: &[f32]) -> f32;
+/// Attention scores: `scores[j] = sum_k q[k] * keys[j * stride + k]` over `k < q.len()`, for
+/// `j < scores.len()`, each in the order of [`DotF16Fn`] ([`DOT_SUMS`] running sums, products
+/// rounded before they are added, combined by [`combine_sums`]). Panics if `keys` is shorter
+/// than the last row's end.
+pub type ScoreRowsFn<E> = fn(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]);
 
-/// `y[i] += a * x[i]` for `i < min(y.len(), x.len())`, each product rounded before the
-/// addition (no fused multiply-add), so every implementation gives the same bits: the
-/// attention's weighted sum of values.
-pub type AxpyF32Fn = fn(y: &mut [f32], a: f32, x: &[f32]);
+/// Attention's weighted sum of values: `out[i] += sum_j w[j] * values[j * stride + i]` for
+/// `i < out.len()`, the rows added one after another in order of `j`, each product rounded
+/// before its addition (no fused multiply-add). Panics if `values` is shorter than the last
+/// row's end.
+pub type MixRowsFn<E> = fn(out: &mut [f32], w: &[f32], values: &[E], stride: usize);
+
+/// The blocks the SIMD weighted sums hold in registers: `(first output, groups of eight)` with
+/// up to eight groups (64 outputs) each, over the first `n / 8 * 8` outputs; the rest is
+/// [`scalar::mix_rows_from`]'s.
+#[allow(dead_code)] // used only by the SIMD modules compiled for this target
+pub(crate) fn mix_blocks(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let full = n / 8 * 8;
+    (0..full)
+        .step_by(64)
+        .map(move |b0| (b0, ((full - b0) / 8).min(8)))
+}
+
+/// The length `rows` rows of `len` values, `stride` apart, need (0 for no rows).
+#[inline]
+pub(crate) fn rows_span(rows: usize, stride: usize, len: usize) -> usize {
+    if rows == 0 {
+        0
+    } else {
+        (rows - 1) * stride + len
+    }
+}
 
 /// The dot product of a row of ggml Q8_0 blocks (f16 `d_w`, 32 int8 `q_w`) with activations
 /// quantized the same way ([`crate::q8_0::quantize_q8_0_activations`]: int8 `xq` in
@@ -160,10 +183,14 @@ pub struct Kernels {
     pub gemm: GemmFn,
     /// Dot product of an f16 row with f32 values (the output head).
     pub dot_f16: DotF16Fn,
-    /// Dot product of two f32 rows (attention scores).
-    pub dot_f32: DotF32Fn,
-    /// `y += a * x` over f32 rows (attention's weighted values).
-    pub axpy_f32: AxpyF32Fn,
+    /// Attention scores against an f32 KV cache's keys.
+    pub score_rows_f32: ScoreRowsFn<f32>,
+    /// Attention scores against an f16 KV cache's keys.
+    pub score_rows_f16: ScoreRowsFn<half::f16>,
+    /// Weighted sum of an f32 KV cache's values.
+    pub mix_rows_f32: MixRowsFn<f32>,
+    /// Weighted sum of an f16 KV cache's values.
+    pub mix_rows_f16: MixRowsFn<half::f16>,
     /// Dot product of a Q8_0 row with f32 values (a quantized output head).
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
@@ -183,8 +210,10 @@ impl Kernels {
         gemv: scalar::gemv,
         gemm: scalar::gemm,
         dot_f16: scalar::dot_f16,
-        dot_f32: scalar::dot_f32,
-        axpy_f32: scalar::axpy_f32,
+        score_rows_f32: scalar::score_rows::<f32>,
+        score_rows_f16: scalar::score_rows::<half::f16>,
+        mix_rows_f32: scalar::mix_rows::<f32>,
+        mix_rows_f16: scalar::mix_rows::<half::f16>,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
     };
@@ -197,8 +226,10 @@ impl Kernels {
         gemv: x86::avx2::gemv,
         gemm: x86::avx2::gemm,
         dot_f16: x86::avx2::dot_f16,
-        dot_f32: x86::avx2::dot_f32,
-        axpy_f32: x86::avx2::axpy_f32,
+        score_rows_f32: x86::attention::score_rows::<f32>,
+        score_rows_f16: x86::attention::score_rows::<half::f16>,
+        mix_rows_f32: x86::attention::mix_rows::<f32>,
+        mix_rows_f16: x86::attention::mix_rows::<half::f16>,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
     };
@@ -240,8 +271,10 @@ impl Kernels {
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
         dot_f16: aarch64::neon::dot_f16,
-        dot_f32: aarch64::neon::dot_f32,
-        axpy_f32: aarch64::neon::axpy_f32,
+        score_rows_f32: aarch64::attention::score_rows::<f32>,
+        score_rows_f16: aarch64::attention::score_rows::<half::f16>,
+        mix_rows_f32: aarch64::attention::mix_rows::<f32>,
+        mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -254,8 +287,10 @@ impl Kernels {
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
         dot_f16: aarch64::neon::dot_f16,
-        dot_f32: aarch64::neon::dot_f32,
-        axpy_f32: aarch64::neon::axpy_f32,
+        score_rows_f32: aarch64::attention::score_rows::<f32>,
+        score_rows_f16: aarch64::attention::score_rows::<half::f16>,
+        mix_rows_f32: aarch64::attention::mix_rows::<f32>,
+        mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -454,43 +489,69 @@ mod tests {
         }
     }
 
+    /// Attention's rows in both cache types: every set against the scalar one, bit for bit,
+    /// on head sizes with and without a tail, and the scalar one against the definition.
     #[test]
-    fn dot_f32_and_axpy_f32_sets_match_scalar_bit_for_bit() {
+    fn attention_rows_sets_match_scalar_bit_for_bit() {
+        use half::f16;
         let mut bits = xorshift(0x0bad_cafe_f00d_1234u64);
         let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-        for n in [0usize, 1, 7, 8, 9, 31, 32, 33, 64, 127, 128, 129, 1000] {
-            let a: Vec<f32> = (0..n).map(|_| next() * 3.0).collect();
-            let b: Vec<f32> = (0..n + 3).map(|_| next() * 0.5).collect();
-            let want = scalar::dot_f32(&a, &b);
-            // The value against f64 arithmetic, the kernels for the bits.
-            let exact: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-            let size: f64 = a
-                .iter()
-                .zip(&b)
-                .map(|(&x, &y)| (x as f64 * y as f64).abs())
-                .sum();
-            assert!((want as f64 - exact).abs() <= 1e-6 * (1.0 + size), "n={n}");
-            let w = next();
-            let mut want_y = b.clone();
-            scalar::axpy_f32(&mut want_y, w, &a);
-            for (i, (&y, &y0)) in want_y.iter().zip(&b).enumerate() {
-                let expect = if i < n { y0 + w * a[i] } else { y0 };
-                assert_eq!(y.to_bits(), expect.to_bits(), "axpy n={n} i={i}");
-            }
-            for k in Kernels::available() {
-                assert_eq!(
-                    (k.dot_f32)(&a, &b).to_bits(),
-                    want.to_bits(),
-                    "{} dot n={n}",
-                    k.name
-                );
-                let mut y = b.clone();
-                (k.axpy_f32)(&mut y, w, &a);
-                let same = y
-                    .iter()
-                    .zip(&want_y)
-                    .all(|(p, q)| p.to_bits() == q.to_bits());
-                assert!(same, "{} axpy n={n}", k.name);
+        for hd in [1usize, 7, 8, 31, 32, 33, 64, 96, 100, 128, 200] {
+            for rows in [0usize, 1, 5, 17] {
+                let stride = hd + 3;
+                let len = rows_span(rows, stride, hd);
+                let q: Vec<f32> = (0..hd).map(|_| next() * 3.0).collect();
+                let kv: Vec<f32> = (0..len).map(|_| next()).collect();
+                let kv16: Vec<f16> = kv.iter().map(|&v| f16::from_f32(v)).collect();
+                let w: Vec<f32> = (0..rows).map(|_| next().abs()).collect();
+                let out0: Vec<f32> = (0..hd).map(|_| next()).collect();
+                let mut want32 = vec![0f32; rows];
+                scalar::score_rows(&q, &kv, stride, &mut want32);
+                let mut want16 = vec![0f32; rows];
+                scalar::score_rows(&q, &kv16, stride, &mut want16);
+                for j in 0..rows {
+                    let row = &kv[j * stride..j * stride + hd];
+                    assert_eq!(want32[j].to_bits(), scalar::dot_f32(&q, row).to_bits());
+                    let exact: f64 = q.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let size: f64 = q
+                        .iter()
+                        .zip(row)
+                        .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                        .sum();
+                    assert!((want32[j] as f64 - exact).abs() <= 1e-6 * (1.0 + size));
+                    let row16 = &kv16[j * stride..j * stride + hd];
+                    assert_eq!(want16[j].to_bits(), scalar::dot_f16(row16, &q).to_bits());
+                }
+                let mut mix32 = out0.clone();
+                scalar::mix_rows(&mut mix32, &w, &kv, stride);
+                let mut mix16 = out0.clone();
+                scalar::mix_rows(&mut mix16, &w, &kv16, stride);
+                for i in 0..hd {
+                    let mut e32 = out0[i];
+                    let mut e16 = out0[i];
+                    for j in 0..rows {
+                        e32 += w[j] * kv[j * stride + i];
+                        e16 += w[j] * kv16[j * stride + i].to_f32();
+                    }
+                    assert_eq!(mix32[i].to_bits(), e32.to_bits(), "mix f32 hd={hd} i={i}");
+                    assert_eq!(mix16[i].to_bits(), e16.to_bits(), "mix f16 hd={hd} i={i}");
+                }
+                let same =
+                    |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                for k in Kernels::available() {
+                    let what = format!("{} hd={hd} rows={rows}", k.name);
+                    let mut got = vec![7f32; rows];
+                    (k.score_rows_f32)(&q, &kv, stride, &mut got);
+                    assert!(same(&got, &want32), "score f32 {what}");
+                    (k.score_rows_f16)(&q, &kv16, stride, &mut got);
+                    assert!(same(&got, &want16), "score f16 {what}");
+                    let mut got = out0.clone();
+                    (k.mix_rows_f32)(&mut got, &w, &kv, stride);
+                    assert!(same(&got, &mix32), "mix f32 {what}");
+                    let mut got = out0.clone();
+                    (k.mix_rows_f16)(&mut got, &w, &kv16, stride);
+                    assert!(same(&got, &mix16), "mix f16 {what}");
+                }
             }
         }
     }

@@ -57,7 +57,27 @@ pub fn dot_f16(w: &[half::f16], x: &[f32]) -> f32 {
     combine_sums(&acc)
 }
 
-/// Reference f32 dot product; see [`super::DotF32Fn`] for the summation order.
+/// An element of a KV cache row, as f32.
+pub trait CacheElem: Copy + Send + Sync + 'static {
+    /// The value, exactly.
+    fn to_f32(self) -> f32;
+}
+
+impl CacheElem for f32 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl CacheElem for half::f16 {
+    #[inline]
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+}
+
+/// Reference f32 dot product in the order of [`super::DotF16Fn`].
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; DOT_SUMS];
     for (k, (x, y)) in a.iter().zip(b).enumerate() {
@@ -66,10 +86,40 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     combine_sums(&acc)
 }
 
-/// Reference `y += a * x`; see [`super::AxpyF32Fn`].
-pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
-    for (yv, &xv) in y.iter_mut().zip(x) {
-        *yv += a * xv;
+/// Reference attention scores; see [`super::ScoreRowsFn`].
+pub fn score_rows<E: CacheElem>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    let n = q.len();
+    for (j, s) in scores.iter_mut().enumerate() {
+        let mut acc = [0f32; DOT_SUMS];
+        for (k, (x, y)) in q.iter().zip(&keys[j * stride..j * stride + n]).enumerate() {
+            acc[k % DOT_SUMS] += x * y.to_f32();
+        }
+        *s = combine_sums(&acc);
+    }
+}
+
+/// Reference weighted sum of value rows; see [`super::MixRowsFn`].
+pub fn mix_rows<E: CacheElem>(out: &mut [f32], w: &[f32], values: &[E], stride: usize) {
+    let n = out.len();
+    for (j, &wj) in w.iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(&values[j * stride..j * stride + n]) {
+            *o += wj * v.to_f32();
+        }
+    }
+}
+
+/// [`mix_rows`] of the outputs from `from` on only (the SIMD kernels' tail).
+pub fn mix_rows_from<E: CacheElem>(
+    out: &mut [f32],
+    from: usize,
+    w: &[f32],
+    values: &[E],
+    stride: usize,
+) {
+    for (i, o) in out.iter_mut().enumerate().skip(from) {
+        for (j, &wj) in w.iter().enumerate() {
+            *o += wj * values[j * stride + i].to_f32();
+        }
     }
 }
 

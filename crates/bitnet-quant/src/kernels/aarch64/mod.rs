@@ -2,4 +2,5 @@
 //! safe entry point checks them again, so calling one on another CPU falls back to a set it can
 //! run instead of executing unsupported instructions.
 
+pub mod attention;
 pub mod neon;

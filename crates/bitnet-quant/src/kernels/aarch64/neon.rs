@@ -554,66 +554,12 @@ unsafe fn dot_f16_neon(w: *const u16, x: *const f32, chunks: usize) -> [f32; DOT
     store_sums(&acc)
 }
 
-/// f32 dot product (NEON); same order as [`scalar::dot_f32`]: lane `j` of accumulator `v` is
-/// running sum `4 v + j`, multiply and add rounded separately (no `fmla`).
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    if !is_aarch64_feature_detected!("neon") {
-        return scalar::dot_f32(a, b);
-    }
-    let n = a.len().min(b.len());
-    let chunks = n / DOT_SUMS;
-    // SAFETY: NEON was detected; `dot_f32_neon` reads `chunks * 32` values of `a` and `b`,
-    // which both hold.
-    let mut acc = unsafe { dot_f32_neon(a.as_ptr(), b.as_ptr(), chunks) };
-    for k in chunks * DOT_SUMS..n {
-        acc[k % DOT_SUMS] += a[k] * b[k];
-    }
-    combine_sums(&acc)
-}
-
-/// # Safety
-///
-/// NEON must be available; `a` and `b` must hold `chunks * 32` values.
-#[target_feature(enable = "neon")]
-unsafe fn dot_f32_neon(a: *const f32, b: *const f32, chunks: usize) -> [f32; DOT_SUMS] {
-    let mut acc = [vdupq_n_f32(0.0); DOT_SUMS / 4];
-    for c in 0..chunks {
-        for (v, s) in acc.iter_mut().enumerate() {
-            let at = DOT_SUMS * c + 4 * v;
-            // SAFETY: values `at..at + 4` lie in the first `chunks * 32` (the contract).
-            let (av, bv) = unsafe { (vld1q_f32(a.add(at)), vld1q_f32(b.add(at))) };
-            *s = vaddq_f32(*s, vmulq_f32(av, bv));
-        }
-    }
-    store_sums(&acc)
-}
-
-/// `y += a * x` (NEON, multiply and add rounded separately, as the scalar kernel).
-pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
-    if !is_aarch64_feature_detected!("neon") {
-        return scalar::axpy_f32(y, a, x);
-    }
-    let n = y.len().min(x.len());
-    let full = n / 4 * 4;
-    // SAFETY: NEON was detected; each 4-value load and store at i (i + 4 <= full <= n) lies in
-    // both slices.
-    unsafe {
-        let av = vdupq_n_f32(a);
-        for i in (0..full).step_by(4) {
-            let p = y.as_mut_ptr().add(i);
-            let sum = vaddq_f32(vld1q_f32(p), vmulq_f32(av, vld1q_f32(x.as_ptr().add(i))));
-            vst1q_f32(p, sum);
-        }
-    }
-    scalar::axpy_f32(&mut y[full..n], a, &x[full..n]);
-}
-
 /// The eight f16 values of `h` (as bits) widened to f32, exactly (`fcvtl`, `fcvtl2`: part of
 /// every AArch64 NEON unit; the f16 vector types of their intrinsics are newer than our
 /// minimum Rust, so this is two instructions of inline assembly).
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn widen_f16(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
+pub(super) unsafe fn widen_f16(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
     let (lo, hi): (float32x4_t, float32x4_t);
     // SAFETY: the two conversions only read and write these vector registers.
     asm!(
@@ -630,7 +576,9 @@ unsafe fn widen_f16(h: uint16x8_t) -> (float32x4_t, float32x4_t) {
 /// The lanes of `V` vectors in order: running sum `4i + l` is lane `l` of vector `i`.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn store_sums<const V: usize, const N: usize>(acc: &[float32x4_t; V]) -> [f32; N] {
+pub(super) unsafe fn store_sums<const V: usize, const N: usize>(
+    acc: &[float32x4_t; V],
+) -> [f32; N] {
     let mut out = [0f32; N];
     for (i, v) in acc.iter().enumerate() {
         // SAFETY: `N = 4 V` at every call, so lanes `4i..4i + 4` lie in `out`.

@@ -392,77 +392,10 @@ unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
     combine_sums(&sums)
 }
 
-/// f32 dot product (AVX); falls back to the scalar kernel without AVX. Same order as
-/// [`crate::kernels::scalar::dot_f32`]: lane `j` of accumulator `v` is running sum `8 v + j`,
-/// multiply and add rounded separately.
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    if !is_x86_feature_detected!("avx") {
-        return scalar::dot_f32(a, b);
-    }
-    // SAFETY: AVX was just detected; `dot_f32_avx` reads only within both slices.
-    unsafe { dot_f32_avx(a, b) }
-}
-
-#[target_feature(enable = "avx")]
-unsafe fn dot_f32_avx(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let full = n / DOT_SUMS * DOT_SUMS;
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut k = 0;
-    while k < full {
-        for (v, s) in acc.iter_mut().enumerate() {
-            // SAFETY: k + 32 <= full <= n, so both 8-value loads at k + 8v are inside their
-            // slices.
-            let (av, bv) = unsafe {
-                (
-                    _mm256_loadu_ps(a.as_ptr().add(k + 8 * v)),
-                    _mm256_loadu_ps(b.as_ptr().add(k + 8 * v)),
-                )
-            };
-            *s = _mm256_add_ps(*s, _mm256_mul_ps(av, bv));
-        }
-        k += DOT_SUMS;
-    }
-    let mut sums: [f32; DOT_SUMS] = store_sums(&acc);
-    for (j, (x, y)) in a[full..n].iter().zip(&b[full..n]).enumerate() {
-        sums[j] += x * y;
-    }
-    combine_sums(&sums)
-}
-
-/// `y += a * x` (AVX, multiply and add rounded separately, as the scalar kernel); falls back
-/// to the scalar kernel without AVX.
-pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
-    if !is_x86_feature_detected!("avx") {
-        return scalar::axpy_f32(y, a, x);
-    }
-    // SAFETY: AVX was just detected; `axpy_f32_avx` touches only both slices.
-    unsafe { axpy_f32_avx(y, a, x) }
-}
-
-#[target_feature(enable = "avx")]
-unsafe fn axpy_f32_avx(y: &mut [f32], a: f32, x: &[f32]) {
-    let n = y.len().min(x.len());
-    let full = n / 8 * 8;
-    let av = _mm256_set1_ps(a);
-    for i in (0..full).step_by(8) {
-        // SAFETY: i + 8 <= full <= n, inside both slices.
-        unsafe {
-            let p = y.as_mut_ptr().add(i);
-            let sum = _mm256_add_ps(
-                _mm256_loadu_ps(p),
-                _mm256_mul_ps(av, _mm256_loadu_ps(x.as_ptr().add(i))),
-            );
-            _mm256_storeu_ps(p, sum);
-        }
-    }
-    scalar::axpy_f32(&mut y[full..n], a, &x[full..n]);
-}
-
 /// `V` vector accumulators as `N = 8 V` running sums, sum `8 v + j` from lane `j` of `v`.
 #[target_feature(enable = "avx")]
 #[inline]
-unsafe fn store_sums<const V: usize, const N: usize>(acc: &[__m256; V]) -> [f32; N] {
+pub(super) unsafe fn store_sums<const V: usize, const N: usize>(acc: &[__m256; V]) -> [f32; N] {
     const { assert!(8 * V == N) };
     let mut sums = [0f32; N];
     for (v, a) in acc.iter().enumerate() {

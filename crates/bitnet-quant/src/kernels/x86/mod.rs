@@ -5,6 +5,7 @@
 //! [`scalar`]: super::scalar
 
 pub mod amx;
+pub mod attention;
 pub mod avx2;
 pub mod avx512;
 pub mod avxvnni;

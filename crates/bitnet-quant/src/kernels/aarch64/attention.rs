@@ -1,0 +1,166 @@
+//! Attention over the KV cache (NEON), shared by both AArch64 sets: the scores of one query
+//! against a run of key rows and the weighted sum of a run of value rows, for f32 and f16
+//! caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`] and
+//! [`crate::kernels::MixRowsFn`]), so the bits agree. As on x86, one call covers every row of
+//! a head, and the weighted sum keeps up to 64 outputs in registers through all the rows.
+
+use std::arch::aarch64::*;
+use std::arch::is_aarch64_feature_detected;
+
+use super::neon::{store_sums, widen_f16};
+use crate::kernels::scalar::{self, CacheElem};
+use crate::kernels::{combine_sums, mix_blocks, rows_span, DOT_SUMS};
+
+/// A cache element the vector loops can load eight at a time as f32.
+pub trait Lanes8: CacheElem {
+    /// The eight values from `p`, as f32, in two vectors.
+    ///
+    /// # Safety
+    ///
+    /// NEON must be available and the eight values from `p` readable.
+    unsafe fn load8(p: *const Self) -> (float32x4_t, float32x4_t);
+}
+
+impl Lanes8 for f32 {
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> (float32x4_t, float32x4_t) {
+        // SAFETY: the caller's contract.
+        unsafe { (vld1q_f32(p), vld1q_f32(p.add(4))) }
+    }
+}
+
+impl Lanes8 for half::f16 {
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn load8(p: *const half::f16) -> (float32x4_t, float32x4_t) {
+        // SAFETY: the caller's contract; f16 is two bytes, read as its bits.
+        unsafe { widen_f16(vld1q_u16(p as *const u16)) }
+    }
+}
+
+/// Attention scores; see [`crate::kernels::ScoreRowsFn`]. Falls back to the scalar kernel
+/// without NEON.
+pub fn score_rows<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::score_rows(q, keys, stride, scores);
+    }
+    let need = rows_span(scores.len(), stride, q.len());
+    assert!(keys.len() >= need, "{} keys, {need} needed", keys.len());
+    // SAFETY: NEON was just detected; every row `j < scores.len()` reads `q.len()` values
+    // from `j * stride`, inside `keys` by the assert.
+    unsafe { score_rows_neon(q, keys, stride, scores) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn score_rows_neon<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    let n = q.len();
+    let full = n / DOT_SUMS * DOT_SUMS;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let row = &keys[j * stride..j * stride + n];
+        let mut acc = [vdupq_n_f32(0.0); DOT_SUMS / 4];
+        for k in (0..full).step_by(DOT_SUMS) {
+            for v in 0..4 {
+                let at = k + 8 * v;
+                // SAFETY: k + 32 <= full <= n: eight values at `at` of `q` and `row`.
+                let (q0, q1, (k0, k1)) = unsafe {
+                    (
+                        vld1q_f32(q.as_ptr().add(at)),
+                        vld1q_f32(q.as_ptr().add(at + 4)),
+                        E::load8(row.as_ptr().add(at)),
+                    )
+                };
+                acc[2 * v] = vaddq_f32(acc[2 * v], vmulq_f32(q0, k0));
+                acc[2 * v + 1] = vaddq_f32(acc[2 * v + 1], vmulq_f32(q1, k1));
+            }
+        }
+        // SAFETY: NEON is enabled here.
+        let mut sums: [f32; DOT_SUMS] = unsafe { store_sums(&acc) };
+        for (i, (x, y)) in q[full..].iter().zip(&row[full..]).enumerate() {
+            sums[i] += x * y.to_f32();
+        }
+        *s = combine_sums(&sums);
+    }
+}
+
+/// Weighted sum of value rows; see [`crate::kernels::MixRowsFn`]. Falls back to the scalar
+/// kernel without NEON.
+pub fn mix_rows<E: Lanes8>(out: &mut [f32], w: &[f32], values: &[E], stride: usize) {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::mix_rows(out, w, values, stride);
+    }
+    let need = rows_span(w.len(), stride, out.len());
+    assert!(
+        values.len() >= need,
+        "{} values, {need} needed",
+        values.len()
+    );
+    // SAFETY: NEON was just detected; every row `j < w.len()` reads `out.len()` values from
+    // `j * stride`, inside `values` by the assert.
+    unsafe { mix_rows_neon(out, w, values, stride) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn mix_rows_neon<E: Lanes8>(out: &mut [f32], w: &[f32], values: &[E], stride: usize) {
+    for (b0, groups) in mix_blocks(out.len()) {
+        // SAFETY (for these calls): outputs b0..b0 + 8 groups lie in `out`, and every row's
+        // values at b0.. in `values` (the caller's bounds, with b0 + 8 groups <= out.len()).
+        unsafe {
+            match groups {
+                8 => mix_block::<E, 8>(out, b0, w, values, stride),
+                7 => mix_block::<E, 7>(out, b0, w, values, stride),
+                6 => mix_block::<E, 6>(out, b0, w, values, stride),
+                5 => mix_block::<E, 5>(out, b0, w, values, stride),
+                4 => mix_block::<E, 4>(out, b0, w, values, stride),
+                3 => mix_block::<E, 3>(out, b0, w, values, stride),
+                2 => mix_block::<E, 2>(out, b0, w, values, stride),
+                _ => mix_block::<E, 1>(out, b0, w, values, stride),
+            }
+        }
+    }
+    scalar::mix_rows_from(out, out.len() / 8 * 8, w, values, stride);
+}
+
+/// Outputs `b0..b0 + 8 G`, held in `2 G` registers through every row.
+///
+/// # Safety
+///
+/// NEON must be available; `b0 + 8 G <= out.len()`, and `values` must hold
+/// `(w.len() - 1) * stride + b0 + 8 G` values when `w` is not empty.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn mix_block<E: Lanes8, const G: usize>(
+    out: &mut [f32],
+    b0: usize,
+    w: &[f32],
+    values: &[E],
+    stride: usize,
+) {
+    let mut acc = [[vdupq_n_f32(0.0); 2]; G];
+    for (g, a) in acc.iter_mut().enumerate() {
+        // SAFETY: b0 + 8g + 8 <= b0 + 8G <= out.len().
+        unsafe {
+            let p = out.as_ptr().add(b0 + 8 * g);
+            *a = [vld1q_f32(p), vld1q_f32(p.add(4))];
+        }
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        let wv = vdupq_n_f32(wj);
+        // SAFETY: row j's values b0.. lie in `values` by the contract.
+        let row = unsafe { values.as_ptr().add(j * stride + b0) };
+        for (g, a) in acc.iter_mut().enumerate() {
+            // SAFETY: values b0 + 8g..b0 + 8g + 8 of row j, inside by the contract.
+            let (v0, v1) = unsafe { E::load8(row.add(8 * g)) };
+            a[0] = vaddq_f32(a[0], vmulq_f32(wv, v0));
+            a[1] = vaddq_f32(a[1], vmulq_f32(wv, v1));
+        }
+    }
+    for (g, a) in acc.iter().enumerate() {
+        // SAFETY: as for the loads above.
+        unsafe {
+            let p = out.as_mut_ptr().add(b0 + 8 * g);
+            vst1q_f32(p, a[0]);
+            vst1q_f32(p.add(4), a[1]);
+        }
+    }
+}

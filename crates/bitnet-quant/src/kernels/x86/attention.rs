@@ -1,0 +1,179 @@
+//! Attention over the KV cache (AVX with F16C), shared by every x86 set: the scores of one
+//! query against a run of key rows and the weighted sum of a run of value rows, for f32 and
+//! f16 caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`] and
+//! [`crate::kernels::MixRowsFn`]), so the bits agree.
+//!
+//! One call covers every row of a head, so the feature check, the call and the setup are paid
+//! once per head rather than once per cached position (per-row calls cost more than the
+//! arithmetic at head sizes of 64-128). The weighted sum keeps up to 64 outputs in eight
+//! registers while it walks all the rows, instead of loading and storing them once per row.
+
+use std::arch::x86_64::*;
+
+use super::avx2::store_sums;
+use crate::kernels::scalar::{self, CacheElem};
+use crate::kernels::{combine_sums, mix_blocks, rows_span, DOT_SUMS};
+
+/// A cache element the vector loops can load eight at a time as f32.
+pub trait Lanes8: CacheElem {
+    /// The eight values from `p`, as f32.
+    ///
+    /// # Safety
+    ///
+    /// AVX and F16C must be available and the eight values from `p` readable.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Lanes8 for f32 {
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller's contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Lanes8 for half::f16 {
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    unsafe fn load8(p: *const half::f16) -> __m256 {
+        // SAFETY: the caller's contract; eight f16 are the 16 bytes loaded.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+    }
+}
+
+fn detected() -> bool {
+    is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c")
+}
+
+/// Attention scores; see [`crate::kernels::ScoreRowsFn`]. Falls back to the scalar kernel
+/// without AVX and F16C.
+pub fn score_rows<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    if !detected() {
+        return scalar::score_rows(q, keys, stride, scores);
+    }
+    let need = rows_span(scores.len(), stride, q.len());
+    assert!(keys.len() >= need, "{} keys, {need} needed", keys.len());
+    // SAFETY: AVX and F16C were just detected; every row `j < scores.len()` reads `q.len()`
+    // values from `j * stride`, inside `keys` by the assert.
+    unsafe { score_rows_avx(q, keys, stride, scores) }
+}
+
+#[target_feature(enable = "avx,f16c")]
+unsafe fn score_rows_avx<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    let n = q.len();
+    let full = n / DOT_SUMS * DOT_SUMS;
+    for (j, s) in scores.iter_mut().enumerate() {
+        let row = &keys[j * stride..j * stride + n];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for k in (0..full).step_by(DOT_SUMS) {
+            for (v, a) in acc.iter_mut().enumerate() {
+                // SAFETY: k + 32 <= full <= n: eight values at k + 8v of `q` and `row`.
+                let (qv, kv) = unsafe {
+                    (
+                        _mm256_loadu_ps(q.as_ptr().add(k + 8 * v)),
+                        E::load8(row.as_ptr().add(k + 8 * v)),
+                    )
+                };
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
+            }
+        }
+        *s = if full == n {
+            combine_in_registers(acc)
+        } else {
+            let mut sums: [f32; DOT_SUMS] = store_sums(&acc);
+            for (i, (x, y)) in q[full..].iter().zip(&row[full..]).enumerate() {
+                sums[i] += x * y.to_f32();
+            }
+            combine_sums(&sums)
+        };
+    }
+}
+
+/// [`combine_sums`] of the 32 running sums held as four vectors (sum `8 v + j` in lane `j` of
+/// `acc[v]`), with the same additions in the same order.
+#[target_feature(enable = "avx")]
+#[inline]
+fn combine_in_registers(acc: [__m256; 4]) -> f32 {
+    // (s_j + s_8+j) + (s_16+j + s_24+j) for every lane j.
+    let t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    // combine_lanes: b_i = t_i + t_4+i, then (b0 + b1) + (b2 + b3).
+    let b = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+    let c = _mm_add_ps(b, _mm_movehdup_ps(b));
+    _mm_cvtss_f32(_mm_add_ss(c, _mm_movehl_ps(c, c)))
+}
+
+/// Weighted sum of value rows; see [`crate::kernels::MixRowsFn`]. Falls back to the scalar
+/// kernel without AVX and F16C.
+pub fn mix_rows<E: Lanes8>(out: &mut [f32], w: &[f32], values: &[E], stride: usize) {
+    if !detected() {
+        return scalar::mix_rows(out, w, values, stride);
+    }
+    let need = rows_span(w.len(), stride, out.len());
+    assert!(
+        values.len() >= need,
+        "{} values, {need} needed",
+        values.len()
+    );
+    // SAFETY: AVX and F16C were just detected; every row `j < w.len()` reads `out.len()`
+    // values from `j * stride`, inside `values` by the assert.
+    unsafe { mix_rows_avx(out, w, values, stride) }
+}
+
+#[target_feature(enable = "avx,f16c")]
+unsafe fn mix_rows_avx<E: Lanes8>(out: &mut [f32], w: &[f32], values: &[E], stride: usize) {
+    for (b0, regs) in mix_blocks(out.len()) {
+        // SAFETY (for these calls): outputs b0..b0 + 8 regs lie in `out`, and every row's
+        // values at b0.. in `values` (the caller's bounds, with b0 + 8 regs <= out.len()).
+        unsafe {
+            match regs {
+                8 => mix_block::<E, 8>(out, b0, w, values, stride),
+                7 => mix_block::<E, 7>(out, b0, w, values, stride),
+                6 => mix_block::<E, 6>(out, b0, w, values, stride),
+                5 => mix_block::<E, 5>(out, b0, w, values, stride),
+                4 => mix_block::<E, 4>(out, b0, w, values, stride),
+                3 => mix_block::<E, 3>(out, b0, w, values, stride),
+                2 => mix_block::<E, 2>(out, b0, w, values, stride),
+                _ => mix_block::<E, 1>(out, b0, w, values, stride),
+            }
+        }
+    }
+    scalar::mix_rows_from(out, out.len() / 8 * 8, w, values, stride);
+}
+
+/// Outputs `b0..b0 + 8 R`, held in `R` registers through every row.
+///
+/// # Safety
+///
+/// AVX and F16C must be available; `b0 + 8 R <= out.len()`, and `values` must hold
+/// `(w.len() - 1) * stride + b0 + 8 R` values when `w` is not empty.
+#[target_feature(enable = "avx,f16c")]
+#[inline]
+unsafe fn mix_block<E: Lanes8, const R: usize>(
+    out: &mut [f32],
+    b0: usize,
+    w: &[f32],
+    values: &[E],
+    stride: usize,
+) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    for (r, a) in acc.iter_mut().enumerate() {
+        // SAFETY: b0 + 8r + 8 <= b0 + 8R <= out.len().
+        *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(b0 + 8 * r)) };
+    }
+    for (j, &wj) in w.iter().enumerate() {
+        let wv = _mm256_set1_ps(wj);
+        // SAFETY: row j's values b0.. lie in `values` by the contract; the pointer is only
+        // offset within them.
+        let row = unsafe { values.as_ptr().add(j * stride + b0) };
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: values b0 + 8r.. b0 + 8r + 8 of row j, inside by the contract.
+            let v = unsafe { E::load8(row.add(8 * r)) };
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(wv, v));
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        // SAFETY: as for the loads above.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(b0 + 8 * r), *a) };
+    }
+}
