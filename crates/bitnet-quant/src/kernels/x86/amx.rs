@@ -11,8 +11,9 @@
 //! side, so the 2-bit layout is transposed once per pass of [`PASS_ROWS`] rows into a buffer
 //! of tiles: a masked gather takes dword `p` of a block from each of 16 rows, and four
 //! shift-and-masks (less 1) give its four 2-bit fields as the weights of inputs
-//! `32 f + 4 p .. + 4`. Each pass then runs all token tiles against the buffer, two token tiles by two row tiles at a
-//! time (four accumulators, two `A` and two `B` tiles: the eight tile registers). Cutting the
+//! `32 f + 4 p .. + 4`. Each pass then runs all token tiles against the buffer, two token
+//! tiles by two row tiles at a time (four accumulators, two `A` and two `B` tiles: the eight
+//! tile registers), every step of the row before the accumulators are stored. Cutting the
 //! steps into chunks of 4-16, each run for every token group before the next (so a chunk's
 //! `B` tiles stay in L1, the accumulators stored and reloaded between chunks), measured slower
 //! on an Emerald Rapids Xeon: pp128 of the 2B-4T shape 67 against 109 tokens/s on one thread,
@@ -39,7 +40,7 @@ use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
 /// Rows (tokens in `A`, weight rows in `B`, both in `C`) of a tile.
 const TILE_ROWS: usize = 16;
 
-/// Bytes in a tile row: the inputs one `tdpbsud` step covers.
+/// Bytes in a tile row: the inputs one `tdpbssd` step covers.
 const TILE_BYTES: usize = 64;
 
 /// Weight rows per pass over the tokens: two `B` tiles.
