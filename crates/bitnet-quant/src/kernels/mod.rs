@@ -1,16 +1,18 @@
-//! Ternary x int8 kernels behind one dispatch table.
+//! The kernels behind one dispatch table: ternary x int8 products, the output head's dense dot
+//! products, and attention over the KV cache.
 //!
-//! [`Kernels::get`] picks the table once, from the CPU features detected at start-up. Every
-//! kernel computes exact i32 sums, so every implementation must agree bit for bit with
-//! [`scalar`], the reference.
+//! [`Kernels::get`] picks the table once, from the CPU features detected at start-up. The
+//! ternary kernels compute exact i32 sums and the float kernels follow a fixed order of
+//! operations, so every implementation must agree bit for bit with [`scalar`], the reference.
 //!
 //! Sets: `scalar` (everywhere), `avx2` (x86-64 CPUs that report AVX2), `avxvnni` (AVX2 with
 //! the VEX-encoded `vpdpbusd`: Alder Lake and later Intel cores, AMD Zen 5), `avx512vnni`
 //! (AVX-512 F, BW and VNNI: Ice Lake, Cascade Lake and later Intel servers, AMD Zen 4 and 5),
 //! `amx` (the AVX-512 VNNI set with an AMX-INT8 matrix-matrix product, where Linux grants the
-//! tile registers: Sapphire Rapids and later Xeons), `neon` (AArch64) and `neon-dotprod` (AArch64 CPUs that report the dot-product extension).
-//! The x86 sets other than `avx2` replace only the ternary products; the dense dot products
-//! of the output head are AVX2's in all of them.
+//! tile registers: Sapphire Rapids and later Xeons), `neon` (AArch64) and `neon-dotprod`
+//! (AArch64 CPUs that report the dot-product extension). The x86 sets other than `avx2`
+//! replace only the ternary products; the head's and the attention's kernels are the same in
+//! all x86 sets (AVX2/F16C), as in both AArch64 sets (NEON).
 //!
 //! # Overriding the choice
 //!
