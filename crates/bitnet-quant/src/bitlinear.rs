@@ -190,8 +190,7 @@ impl BitLinear {
                 // Task i's block holds token t's sums of its rows side by side (see
                 // `forward_i32`), so each run of `ROWS_PER_TASK` outputs reads one slice.
                 for (i, yc) in yt.chunks_mut(ROWS_PER_TASK).enumerate() {
-                    let n = yc.len();
-                    let at = i * ROWS_PER_TASK * tokens + t * n;
+                    let (at, n) = (self.acc_index(tokens, t, i * ROWS_PER_TASK), yc.len());
                     for (yo, &a) in yc.iter_mut().zip(&acc[at..at + n]) {
                         *yo = self.scale.apply(a, s);
                     }

@@ -513,7 +513,12 @@ mod tests {
                 scalar::score_rows(&q, &kv16, stride, &mut want16);
                 for j in 0..rows {
                     let row = &kv[j * stride..j * stride + hd];
-                    assert_eq!(want32[j].to_bits(), scalar::dot_f32(&q, row).to_bits());
+                    // The order of DotF16Fn, spelled out: 32 running sums, then combine_sums.
+                    let mut sums = [0f32; DOT_SUMS];
+                    for (i, (&a, &b)) in q.iter().zip(row).enumerate() {
+                        sums[i % DOT_SUMS] += a * b;
+                    }
+                    assert_eq!(want32[j].to_bits(), combine_sums(&sums).to_bits());
                     let exact: f64 = q.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let size: f64 = q
                         .iter()

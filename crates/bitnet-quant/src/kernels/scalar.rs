@@ -77,15 +77,6 @@ impl CacheElem for half::f16 {
     }
 }
 
-/// Reference f32 dot product in the order of [`super::DotF16Fn`].
-pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; DOT_SUMS];
-    for (k, (x, y)) in a.iter().zip(b).enumerate() {
-        acc[k % DOT_SUMS] += x * y;
-    }
-    combine_sums(&acc)
-}
-
 /// Reference attention scores; see [`super::ScoreRowsFn`].
 pub fn score_rows<E: CacheElem>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
     let n = q.len();

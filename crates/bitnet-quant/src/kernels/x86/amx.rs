@@ -8,7 +8,7 @@
 //! 16 rows of the products themselves: unlike the other sets, no activation sums to subtract.
 //!
 //! `B` wants, in its row `j`, four consecutive inputs of each of the 16 weight rows side by
-//! side, so the 2-bit layout is transposed once per pass of [`PASS_ROWS`] rows into a buffer
+//! side, so the 2-bit layout is transposed once per pass of `PASS_ROWS` (32) rows into a buffer
 //! of tiles: a masked gather takes dword `p` of a block from each of 16 rows, and four
 //! shift-and-masks (less 1) give its four 2-bit fields as the weights of inputs
 //! `32 f + 4 p .. + 4`. Each pass then runs all token tiles against the buffer, two token

@@ -28,7 +28,7 @@
 //! # Streaming (decode)
 //!
 //! A 4-row tile is one row group of the layout, so it reads one sequential stream, and it
-//! prefetches [`PREFETCH_BYTES`] ahead of it. Measured on an AMD EPYC (Zen, one thread, 521 MB
+//! prefetches `PREFETCH_BYTES` ahead of it. Measured on an AMD EPYC (Zen, one thread, 521 MB
 //! of 2B-4T matrices): four separate row streams ran at 6.2 GB/s, one interleaved stream at
 //! 10.5 GB/s, and with the prefetch at 14.2 GB/s, against 14.9 GB/s for a plain read loop.
 
@@ -93,12 +93,15 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
 /// group and `T` activation rows. AVX2 has one ([`Maddubs`]); the AVX-VNNI set has another,
 /// and shares the rest of this module's products.
 pub(super) trait Tile {
-    /// See [`tile`], whose contract this has, with the implementor's features in place of
-    /// AVX2's.
+    /// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` consecutive rows of one row
+    /// group, the first of which starts at `w`, and `T` activation rows from `x`, `x_stride`
+    /// apart, over `blocks` blocks.
     ///
     /// # Safety
     ///
-    /// As [`tile`].
+    /// The implementor's features must be available; for every `r < R` and `b < blocks` the
+    /// 32 bytes from `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the `blocks * 128`
+    /// bytes from `x + t * x_stride`, must be readable.
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
         x: *const i8,
@@ -119,8 +122,73 @@ impl Tile for Maddubs {
         x_stride: usize,
         blocks: usize,
     ) -> [[i32; T]; R] {
-        // SAFETY: the caller's guarantees are `tile`'s.
-        unsafe { tile::<R, T>(w, x, x_stride, blocks) }
+        let mask = _mm256_set1_epi8(3);
+        let ones = _mm256_set1_epi16(1);
+        // Running pointers to the current block of each weight row and activation row (pointer
+        // bumps rather than index arithmetic, which stays cheap with overflow checks on).
+        let mut wp = [w; R];
+        for (r, p) in wp.iter_mut().enumerate() {
+            // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
+            *p = w.add(r * BLOCK_BYTES);
+        }
+        let mut xp = [x as *const __m256i; T];
+        for (t, p) in xp.iter_mut().enumerate() {
+            // SAFETY: the start of activation row `t < T`, readable by the contract.
+            *p = x.add(t * x_stride) as *const __m256i;
+        }
+        let mut acc = [[_mm256_setzero_si256(); T]; R];
+        let mut b0 = 0;
+        while b0 < blocks {
+            let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
+            let mut acc16 = [[_mm256_setzero_si256(); T]; R];
+            for _ in b0..b1 {
+                if R == ROW_GROUP {
+                    // A hint only: prefetching past the end of the weights is harmless, and
+                    // `wrapping_add` keeps the address computation itself defined.
+                    let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+                }
+                for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
+                    // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
+                    // The bumped pointer is at most one step past the row's last block.
+                    let wv = _mm256_loadu_si256(*p as *const __m256i);
+                    *p = p.wrapping_add(BLOCK_STEP);
+                    let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
+                    let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
+                    let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
+                    let c3 = _mm256_and_si256(wv, mask);
+                    for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
+                        // SAFETY: the 128 activations of the same block of an activation row:
+                        // readable by the contract.
+                        let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb));
+                        let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb.add(1)));
+                        let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb.add(2)));
+                        let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xb.add(3)));
+                        let s =
+                            _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
+                        *a = _mm256_add_epi16(*a, s);
+                    }
+                }
+                for p in xp.iter_mut() {
+                    // SAFETY: at most one past the row's `blocks * 128` activations.
+                    *p = p.add(BLOCK_ELEMS / 32);
+                }
+            }
+            for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
+                for (a, &a16) in accr.iter_mut().zip(acc16r) {
+                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
+                }
+            }
+            b0 = b1;
+        }
+        let mut out = [[0i32; T]; R];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            for (ov, &av) in o.iter_mut().zip(a) {
+                *ov = hsum(av);
+            }
+        }
+        out
     }
 }
 
@@ -211,91 +279,6 @@ unsafe fn group<K: Tile, const R: usize, const T: usize>(
         }
         r += 1;
     }
-}
-
-/// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` consecutive rows of one row group,
-/// the first of which starts at `w`, and `T` activation rows from `x`, `x_stride` apart, over
-/// `blocks` blocks.
-///
-/// # Safety
-///
-/// AVX2 must be available; for every `r < R` and `b < blocks` the 32 bytes from
-/// `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the `blocks * 128` bytes from
-/// `x + t * x_stride`, must be readable.
-#[target_feature(enable = "avx2")]
-#[inline]
-unsafe fn tile<const R: usize, const T: usize>(
-    w: *const u8,
-    x: *const i8,
-    x_stride: usize,
-    blocks: usize,
-) -> [[i32; T]; R] {
-    let mask = _mm256_set1_epi8(3);
-    let ones = _mm256_set1_epi16(1);
-    // Running pointers to the current block of each weight row and activation row (pointer
-    // bumps rather than index arithmetic, which stays cheap with overflow checks on).
-    let mut wp = [w; R];
-    for (r, p) in wp.iter_mut().enumerate() {
-        // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
-        *p = w.add(r * BLOCK_BYTES);
-    }
-    let mut xp = [x as *const __m256i; T];
-    for (t, p) in xp.iter_mut().enumerate() {
-        // SAFETY: the start of activation row `t < T`, readable by the contract.
-        *p = x.add(t * x_stride) as *const __m256i;
-    }
-    let mut acc = [[_mm256_setzero_si256(); T]; R];
-    let mut b0 = 0;
-    while b0 < blocks {
-        let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
-        let mut acc16 = [[_mm256_setzero_si256(); T]; R];
-        for _ in b0..b1 {
-            if R == ROW_GROUP {
-                // A hint only: prefetching past the end of the weights is harmless, and
-                // `wrapping_add` keeps the address computation itself defined.
-                let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
-                _mm_prefetch::<_MM_HINT_T0>(ahead);
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-            }
-            for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
-                // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
-                // The bumped pointer is at most one step past the row's last block.
-                let wv = _mm256_loadu_si256(*p as *const __m256i);
-                *p = p.wrapping_add(BLOCK_STEP);
-                let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
-                let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
-                let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
-                let c3 = _mm256_and_si256(wv, mask);
-                for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
-                    // SAFETY: the 128 activations of the same block of an activation row:
-                    // readable by the contract.
-                    let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb));
-                    let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb.add(1)));
-                    let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb.add(2)));
-                    let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xb.add(3)));
-                    let s = _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-                    *a = _mm256_add_epi16(*a, s);
-                }
-            }
-            for p in xp.iter_mut() {
-                // SAFETY: at most one past the row's `blocks * 128` activations.
-                *p = p.add(BLOCK_ELEMS / 32);
-            }
-        }
-        for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
-            for (a, &a16) in accr.iter_mut().zip(acc16r) {
-                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
-            }
-        }
-        b0 = b1;
-    }
-    let mut out = [[0i32; T]; R];
-    for (o, a) in out.iter_mut().zip(&acc) {
-        for (ov, &av) in o.iter_mut().zip(a) {
-            *ov = hsum(av);
-        }
-    }
-    out
 }
 
 /// The `T` activation rows from token `t0` (rows of `blocks * 128`) and the sum of each.

@@ -14,7 +14,7 @@
 //!
 //! Every product streams whole row groups (the layout pads rows to a group, so the padding
 //! rows are there to read; their results are dropped). `gemv` takes one token per tile and
-//! prefetches ahead of the group's stream like the AVX2 set; `gemm` takes [`GEMM_TOKENS`] tokens
+//! prefetches ahead of the group's stream like the AVX2 set; `gemm` takes `GEMM_TOKENS` (4) tokens
 //! per tile, so each weight block is unpacked once for all of them. Each accumulator chain
 //! takes every other activation vector (two chains per row pair and token), so two `vpdpbusd`
 //! latencies overlap even when one token leaves little else to do.
