@@ -13,20 +13,6 @@ pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     }
 }
 
-/// In-place softmax in f32, shifted by the maximum.
-pub fn softmax(x: &mut [f32]) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
 /// The inverse frequencies of rotate-half RoPE: `1 / theta^(2i / d)` for `i < d/2`, in f32
 /// like transformers' default rotary embedding.
 pub fn rope_inv_freq(theta: f32, head_dim: usize, out: &mut [f32]) {
@@ -73,16 +59,6 @@ mod tests {
         // mean(x^2) = 12.5, rsqrt = 0.28284...
         let r = 1.0 / 12.5f32.sqrt();
         assert_eq!(y, [3.0 * r, 2.0 * (4.0 * r)]);
-    }
-
-    #[test]
-    fn softmax_sums_to_one_and_orders() {
-        let mut x = [1.0f32, 2.0, 3.0, f32::NEG_INFINITY];
-        softmax(&mut x);
-        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[0] < x[1] && x[1] < x[2] && x[3] == 0.0);
-        let e = [1.0f32, 1f32.exp(), 2f32.exp()];
-        assert!((x[0] - e[0] / e.iter().sum::<f32>()).abs() < 1e-6);
     }
 
     #[test]

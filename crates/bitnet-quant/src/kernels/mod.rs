@@ -1,5 +1,5 @@
 //! The kernels behind one dispatch table: ternary x int8 products, the output head's dense dot
-//! products, and attention over the KV cache.
+//! products, and attention over the KV cache (scores, softmax, weighted sum).
 //!
 //! [`Kernels::get`] picks the table once, from the CPU features detected at start-up. The
 //! ternary kernels compute exact i32 sums and the float kernels follow a fixed order of
@@ -103,6 +103,17 @@ pub type ScoreRowsFn<E> = fn(q: &[f32], keys: &[E], stride: usize, scores: &mut 
 /// row's end.
 pub type MixRowsFn<E> = fn(out: &mut [f32], w: &[f32], values: &[E], stride: usize);
 
+/// Attention's softmax of one row of scores, in place: `y_i = x_i * scale`, `m = max y_i`,
+/// `e_i = exp(y_i - m)` by [`scalar::exp_nonpositive`], `x_i = e_i * (1 / s)` with `s` the sum
+/// of the `e_i` in [`SOFTMAX_SUMS`] running sums (sum `j` takes `i mod 8`, in order of `i`)
+/// combined by [`combine_lanes`]. Every step is one rounded f32 operation (no fused
+/// multiply-add), so every implementation gives the same bits for finite scores. A NaN score
+/// makes the whole row NaN.
+pub type SoftmaxFn = fn(x: &mut [f32], scale: f32);
+
+/// Running sums of the softmax's denominator ([`SoftmaxFn`]): one vector of eight lanes.
+pub const SOFTMAX_SUMS: usize = 8;
+
 /// The blocks the SIMD weighted sums hold in registers: `(first output, groups of eight)` with
 /// up to eight groups (64 outputs) each, over the first `n / 8 * 8` outputs; the rest is
 /// [`scalar::mix_rows_from`]'s.
@@ -193,6 +204,8 @@ pub struct Kernels {
     pub mix_rows_f32: MixRowsFn<f32>,
     /// Weighted sum of an f16 KV cache's values.
     pub mix_rows_f16: MixRowsFn<half::f16>,
+    /// Softmax of a row of attention scores.
+    pub softmax: SoftmaxFn,
     /// Dot product of a Q8_0 row with f32 values (a quantized output head).
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
@@ -216,6 +229,7 @@ impl Kernels {
         score_rows_f16: scalar::score_rows::<half::f16>,
         mix_rows_f32: scalar::mix_rows::<f32>,
         mix_rows_f16: scalar::mix_rows::<half::f16>,
+        softmax: scalar::softmax,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
     };
@@ -232,6 +246,7 @@ impl Kernels {
         score_rows_f16: x86::attention::score_rows::<half::f16>,
         mix_rows_f32: x86::attention::mix_rows::<f32>,
         mix_rows_f16: x86::attention::mix_rows::<half::f16>,
+        softmax: x86::attention::softmax,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
     };
@@ -277,6 +292,7 @@ impl Kernels {
         score_rows_f16: aarch64::attention::score_rows::<half::f16>,
         mix_rows_f32: aarch64::attention::mix_rows::<f32>,
         mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
+        softmax: aarch64::attention::softmax,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -293,6 +309,7 @@ impl Kernels {
         score_rows_f16: aarch64::attention::score_rows::<half::f16>,
         mix_rows_f32: aarch64::attention::mix_rows::<f32>,
         mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
+        softmax: aarch64::attention::softmax,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
     };
@@ -560,6 +577,88 @@ mod tests {
                     assert!(same(&got, &mix16), "mix f16 {what}");
                 }
             }
+        }
+    }
+
+    /// The exponential against f64's, over the whole range a softmax feeds it, and at its
+    /// edges.
+    #[test]
+    fn exp_nonpositive_is_within_two_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let d = -(i as f32) * (87.0 / 200_000.0);
+            let got = scalar::exp_nonpositive(d) as f64;
+            let want = (d as f64).exp();
+            worst = worst.max((got - want).abs() / want);
+        }
+        // 2 ulp of f32 relative to the value is at most 2^-22.
+        assert!(worst <= 2.0f64.powi(-22), "relative error {worst:e}");
+        assert_eq!(scalar::exp_nonpositive(0.0), 1.0);
+        assert_eq!(scalar::exp_nonpositive(-0.0), 1.0);
+        assert_eq!(scalar::exp_nonpositive(-87.5), 0.0);
+        assert_eq!(scalar::exp_nonpositive(f32::NEG_INFINITY), 0.0);
+        assert!(scalar::exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    /// Softmax: every set against the scalar one, bit for bit, on lengths with and without a
+    /// tail; the scalar one against the f64 definition and closed forms.
+    #[test]
+    fn softmax_sets_match_scalar_bit_for_bit() {
+        let mut bits = xorshift(0x5eed_50f7_3a40_0001u64);
+        let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        for n in [1usize, 2, 7, 8, 9, 16, 31, 33, 100, 257, 1030] {
+            for spread in [0.5f32, 8.0, 60.0, 400.0] {
+                let scores: Vec<f32> = (0..n).map(|_| next() * spread).collect();
+                let scale = 0.088_388_35;
+                let mut want = scores.clone();
+                scalar::softmax(&mut want, scale);
+                // The f64 softmax of the same scaled scores.
+                let y: Vec<f64> = scores.iter().map(|&v| (v * scale) as f64).collect();
+                let m = y.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = y.iter().map(|v| (v - m).exp()).sum();
+                for (i, (&g, v)) in want.iter().zip(&y).enumerate() {
+                    let e = (v - m).exp() / z;
+                    // f32 rounds `y - m` by up to half an ulp of its size, which moves the
+                    // exponential by that much relatively; the exponential, the sum and the
+                    // division add a few ulp.
+                    let bound = ((v - m).abs() * 2f64.powi(-24) + 1e-6) * e;
+                    assert!((g as f64 - e).abs() <= bound, "n={n} i={i}: {g} vs {e}");
+                }
+                for k in Kernels::available() {
+                    let mut got = scores.clone();
+                    (k.softmax)(&mut got, scale);
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} n={n} spread={spread}", k.name);
+                }
+            }
+        }
+        for k in Kernels::available() {
+            // Equal scores share the mass equally; a masked (-inf) score gets none; a NaN
+            // score makes the row NaN rather than quietly dropping out.
+            let mut x = vec![3.0f32; 12];
+            (k.softmax)(&mut x, 1.0);
+            assert!(x.iter().all(|&v| v == 1.0 / 12.0), "{}", k.name);
+            let mut x = vec![
+                1.0f32,
+                2.0,
+                f32::NEG_INFINITY,
+                3.0,
+                0.5,
+                0.25,
+                -1.0,
+                2.5,
+                -7.0,
+            ];
+            (k.softmax)(&mut x, 1.0);
+            assert_eq!(x[2], 0.0, "{}", k.name);
+            assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6, "{}", k.name);
+            let mut x = vec![1.0f32; 10];
+            x[9] = f32::NAN;
+            (k.softmax)(&mut x, 1.0);
+            assert!(x.iter().all(|v| v.is_nan()), "{}", k.name);
         }
     }
 

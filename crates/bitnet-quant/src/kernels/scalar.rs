@@ -1,6 +1,6 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
-use super::{combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS};
+use super::{combine_lanes, combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS, SOFTMAX_SUMS};
 use crate::q6_k::{self, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
@@ -111,6 +111,73 @@ pub fn mix_rows_from<E: CacheElem>(
         for (j, &wj) in w.iter().enumerate() {
             *o += wj * values[j * stride + i].to_f32();
         }
+    }
+}
+
+/// Below this, [`exp_nonpositive`] returns 0: `e^-87` (about `1.6e-38`) is still a normal
+/// f32, and a softmax term that small is under `2^-125` of the row's largest, which is 1.
+pub const EXP_MIN: f32 = -87.0;
+
+/// `ln 2` split so that `n * LN2_HI` is exact for the `|n| <= 126` the reduction meets (9
+/// significant bits) and `LN2_HI + LN2_LO` is `ln 2` to f32's precision twice over.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// The Taylor coefficients of `e^r` from `r^7` down to `r^0`, for Horner's rule on
+/// `|r| <= ln(2) / 2`, where the first term left out (`r^8 / 8!`) is below `6e-9`, so the
+/// roundings dominate the error.
+pub const EXP_POLY: [f32; 8] = [
+    1.0 / 5040.0,
+    1.0 / 720.0,
+    1.0 / 120.0,
+    1.0 / 24.0,
+    1.0 / 6.0,
+    0.5,
+    1.0,
+    1.0,
+];
+
+/// `e^d` for `d <= 0` (a score minus its row's maximum), within 2 ulp, with operations
+/// every SIMD set repeats exactly: `n = round_ties_even(d * log2(e))`,
+/// `r = (d - n * LN2_HI) - n * LN2_LO`, Horner's rule over [`EXP_POLY`], times `2^n` built in
+/// the exponent bits. 0 below [`EXP_MIN`]; NaN for NaN.
+#[inline]
+pub fn exp_nonpositive(d: f32) -> f32 {
+    if d < EXP_MIN {
+        return 0.0;
+    }
+    let n = (d * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (d - n * LN2_HI) - n * LN2_LO;
+    let mut p = EXP_POLY[0];
+    for &c in &EXP_POLY[1..] {
+        p = p * r + c;
+    }
+    // n lies in [-126, 0] for d in [EXP_MIN, 0]: 2^n is a normal f32. (NaN casts to 0, and
+    // p is NaN then anyway; a positive d, which no softmax makes, saturates to infinity.)
+    let e = (n as i32 + 127).clamp(0, 255) as u32;
+    p * f32::from_bits(e << 23)
+}
+
+/// The `LN2_HI` and `LN2_LO` halves, for the SIMD modules that repeat [`exp_nonpositive`].
+#[allow(dead_code)] // used only by the SIMD modules compiled for this target
+pub(crate) const LN2_SPLIT: (f32, f32) = (LN2_HI, LN2_LO);
+
+/// Reference softmax of scaled scores; see [`super::SoftmaxFn`].
+pub fn softmax(x: &mut [f32], scale: f32) {
+    let mut m = f32::NEG_INFINITY;
+    for v in x.iter_mut() {
+        *v *= scale;
+        // Exact whatever the order; a NaN score makes the row NaN through its own term.
+        m = m.max(*v);
+    }
+    let mut sums = [0f32; SOFTMAX_SUMS];
+    for (i, v) in x.iter_mut().enumerate() {
+        *v = exp_nonpositive(*v - m);
+        sums[i % SOFTMAX_SUMS] += *v;
+    }
+    let inv = 1.0 / combine_lanes(&sums);
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }
 

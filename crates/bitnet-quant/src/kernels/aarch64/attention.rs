@@ -1,15 +1,15 @@
 //! Attention over the KV cache (NEON), shared by both AArch64 sets: the scores of one query
-//! against a run of key rows and the weighted sum of a run of value rows, for f32 and f16
-//! caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`] and
-//! [`crate::kernels::MixRowsFn`]), so the bits agree. As on x86, one call covers every row of
+//! against a run of key rows, their softmax, and the weighted sum of a run of value rows, for
+//! f32 and f16 caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`],
+//! [`crate::kernels::SoftmaxFn`] and [`crate::kernels::MixRowsFn`]), so the bits agree. As on x86, one call covers every row of
 //! a head, and the weighted sum keeps up to 64 outputs in registers through all the rows.
 
 use std::arch::aarch64::*;
 use std::arch::is_aarch64_feature_detected;
 
 use super::neon::{store_sums, widen_f16};
-use crate::kernels::scalar::{self, CacheElem};
-use crate::kernels::{combine_sums, mix_blocks, rows_span, DOT_SUMS};
+use crate::kernels::scalar::{self, CacheElem, EXP_MIN, EXP_POLY, LN2_SPLIT};
+use crate::kernels::{combine_lanes, combine_sums, mix_blocks, rows_span, DOT_SUMS, SOFTMAX_SUMS};
 
 /// A cache element the vector loops can load eight at a time as f32.
 pub trait Lanes8: CacheElem {
@@ -163,4 +163,93 @@ unsafe fn mix_block<E: Lanes8, const G: usize>(
             vst1q_f32(p.add(4), a[1]);
         }
     }
+}
+
+/// Softmax of a row of scores; see [`crate::kernels::SoftmaxFn`]. Falls back to the scalar
+/// kernel without NEON.
+pub fn softmax(x: &mut [f32], scale: f32) {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::softmax(x, scale);
+    }
+    // SAFETY: NEON was just detected; the kernel reads and writes `x` only.
+    unsafe { softmax_neon(x, scale) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn softmax_neon(x: &mut [f32], scale: f32) {
+    let n = x.len();
+    let full = n / 8 * 8;
+    let p = x.as_mut_ptr();
+    let sv = vdupq_n_f32(scale);
+    let mut mv = vdupq_n_f32(f32::NEG_INFINITY);
+    for i in (0..full).step_by(4) {
+        // SAFETY (for the loads and stores of these loops): i + 4 <= full <= n.
+        unsafe {
+            let v = vmulq_f32(vld1q_f32(p.add(i)), sv);
+            vst1q_f32(p.add(i), v);
+            mv = vmaxq_f32(mv, v);
+        }
+    }
+    let mut m = vmaxvq_f32(mv);
+    for v in x[full..].iter_mut() {
+        *v *= scale;
+        m = m.max(*v);
+    }
+    let mm = vdupq_n_f32(m);
+    // Sums 0-3 in `lo`, 4-7 in `hi`: lane j of the scalar kernel's eight.
+    let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+    for i in (0..full).step_by(8) {
+        // SAFETY: as above, i + 8 <= full.
+        unsafe {
+            let e0 = exp4(vsubq_f32(vld1q_f32(p.add(i)), mm));
+            let e1 = exp4(vsubq_f32(vld1q_f32(p.add(i + 4)), mm));
+            vst1q_f32(p.add(i), e0);
+            vst1q_f32(p.add(i + 4), e1);
+            lo = vaddq_f32(lo, e0);
+            hi = vaddq_f32(hi, e1);
+        }
+    }
+    let mut sums = [0f32; SOFTMAX_SUMS];
+    // SAFETY: eight f32 fit `sums`.
+    unsafe {
+        vst1q_f32(sums.as_mut_ptr(), lo);
+        vst1q_f32(sums.as_mut_ptr().add(4), hi);
+    }
+    for (j, v) in x[full..].iter_mut().enumerate() {
+        *v = scalar::exp_nonpositive(*v - m);
+        sums[j] += *v;
+    }
+    let inv = 1.0 / combine_lanes(&sums);
+    let iv = vdupq_n_f32(inv);
+    for i in (0..full).step_by(4) {
+        // SAFETY: as above.
+        unsafe { vst1q_f32(p.add(i), vmulq_f32(vld1q_f32(p.add(i)), iv)) };
+    }
+    for v in x[full..].iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// [`scalar::exp_nonpositive`] of four values, with the same operations in the same order.
+#[target_feature(enable = "neon")]
+#[inline]
+fn exp4(d: float32x4_t) -> float32x4_t {
+    let (ln2_hi, ln2_lo) = LN2_SPLIT;
+    let min = vdupq_n_f32(EXP_MIN);
+    let below = vcltq_f32(d, min);
+    // Clamped into range so that 2^n stays a normal number; those lanes are zeroed at the
+    // end. A select on `below` (false for NaN) lets NaN through.
+    let d = vbslq_f32(below, min, d);
+    let n = vrndnq_f32(vmulq_f32(d, vdupq_n_f32(std::f32::consts::LOG2_E)));
+    let r = vsubq_f32(
+        vsubq_f32(d, vmulq_f32(n, vdupq_n_f32(ln2_hi))),
+        vmulq_f32(n, vdupq_n_f32(ln2_lo)),
+    );
+    let mut p = vdupq_n_f32(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(c));
+    }
+    let e = vshlq_n_s32::<23>(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)));
+    let v = vmulq_f32(p, vreinterpretq_f32_s32(e));
+    vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(v), below))
 }

@@ -1,6 +1,7 @@
-//! Attention over the KV cache (AVX with F16C), shared by every x86 set: the scores of one
-//! query against a run of key rows and the weighted sum of a run of value rows, for f32 and
-//! f16 caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`] and
+//! Attention over the KV cache (AVX with F16C; AVX2 for the softmax), shared by every x86
+//! set: the scores of one query against a run of key rows, their softmax, and the weighted
+//! sum of a run of value rows, for f32 and f16 caches, in the scalar kernels' order (see
+//! [`crate::kernels::ScoreRowsFn`], [`crate::kernels::SoftmaxFn`] and
 //! [`crate::kernels::MixRowsFn`]), so the bits agree.
 //!
 //! One call covers every row of a head, so the feature check, the call and the setup are paid
@@ -11,8 +12,8 @@
 use std::arch::x86_64::*;
 
 use super::avx2::store_sums;
-use crate::kernels::scalar::{self, CacheElem};
-use crate::kernels::{combine_sums, mix_blocks, rows_span, DOT_SUMS};
+use crate::kernels::scalar::{self, CacheElem, EXP_MIN, EXP_POLY, LN2_SPLIT};
+use crate::kernels::{combine_lanes, combine_sums, mix_blocks, rows_span, DOT_SUMS, SOFTMAX_SUMS};
 
 /// A cache element the vector loops can load eight at a time as f32.
 pub trait Lanes8: CacheElem {
@@ -176,4 +177,92 @@ unsafe fn mix_block<E: Lanes8, const R: usize>(
         // SAFETY: as for the loads above.
         unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(b0 + 8 * r), *a) };
     }
+}
+
+/// Softmax of a row of scores; see [`crate::kernels::SoftmaxFn`]. Falls back to the scalar
+/// kernel without AVX2.
+pub fn softmax(x: &mut [f32], scale: f32) {
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::softmax(x, scale);
+    }
+    // SAFETY: AVX2 was just detected; the kernel reads and writes `x` only.
+    unsafe { softmax_avx2(x, scale) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_avx2(x: &mut [f32], scale: f32) {
+    let n = x.len();
+    let full = n / 8 * 8;
+    let p = x.as_mut_ptr();
+    let sv = _mm256_set1_ps(scale);
+    let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+    for i in (0..full).step_by(8) {
+        // SAFETY (for the loads and stores of these loops): i + 8 <= full <= n.
+        unsafe {
+            let v = _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), sv);
+            _mm256_storeu_ps(p.add(i), v);
+            mv = _mm256_max_ps(mv, v);
+        }
+    }
+    // SAFETY: AVX is enabled here (AVX2 implies it); the function only stores registers.
+    let lanes: [f32; 8] = unsafe { store_sums(&[mv]) };
+    let mut m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    for v in x[full..].iter_mut() {
+        *v *= scale;
+        m = m.max(*v);
+    }
+    let mm = _mm256_set1_ps(m);
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        // SAFETY: as above.
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mm));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+    }
+    // SAFETY: as above.
+    let mut sums: [f32; SOFTMAX_SUMS] = unsafe { store_sums(&[acc]) };
+    for (j, v) in x[full..].iter_mut().enumerate() {
+        *v = scalar::exp_nonpositive(*v - m);
+        sums[j] += *v;
+    }
+    let inv = 1.0 / combine_lanes(&sums);
+    let iv = _mm256_set1_ps(inv);
+    for i in (0..full).step_by(8) {
+        // SAFETY: as above.
+        unsafe { _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), iv)) };
+    }
+    for v in x[full..].iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// [`scalar::exp_nonpositive`] of eight values, with the same operations in the same order.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn exp8(d: __m256) -> __m256 {
+    let (ln2_hi, ln2_lo) = LN2_SPLIT;
+    let min = _mm256_set1_ps(EXP_MIN);
+    let below = _mm256_cmp_ps::<_CMP_LT_OQ>(d, min);
+    // Clamped into range so that 2^n stays a normal number; those lanes are zeroed at the
+    // end. `max_ps` returns its second operand when one is NaN, so NaN goes through.
+    let d = _mm256_max_ps(min, d);
+    let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(
+        d,
+        _mm256_set1_ps(std::f32::consts::LOG2_E),
+    ));
+    let r = _mm256_sub_ps(
+        _mm256_sub_ps(d, _mm256_mul_ps(n, _mm256_set1_ps(ln2_hi))),
+        _mm256_mul_ps(n, _mm256_set1_ps(ln2_lo)),
+    );
+    let mut p = _mm256_set1_ps(EXP_POLY[0]);
+    for &c in &EXP_POLY[1..] {
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(c));
+    }
+    let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+        _mm256_cvtps_epi32(n),
+        _mm256_set1_epi32(127),
+    ));
+    _mm256_andnot_ps(below, _mm256_mul_ps(p, _mm256_castsi256_ps(e)))
 }

@@ -413,6 +413,14 @@ unsafe fn dot_q8_0_avx2(row: &[u8], xq: &[i8], xd: &[f32], blocks: usize) -> [f3
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); 2];
     for b in 0..blocks {
+        // A hint for the weights PREFETCH_BYTES ahead (past the row's end they are the next
+        // row's, which the head reads next), one per 34-byte block, so every 64-byte line is
+        // asked for once or twice: on an AMD EPYC, one thread, 8.8 -> 11.5 GiB/s, against
+        // 10.9 for the f16 head, which gained nothing from the same hint (`wrapping_add` keeps
+        // the address computation defined wherever it points).
+        _mm_prefetch::<_MM_HINT_T0>(
+            row.as_ptr().wrapping_add(b * Q8_0_BYTES + PREFETCH_BYTES) as *const i8
+        );
         // SAFETY: block `b < blocks` of `row` (34 bytes from b * 34) and values b * 32.. of
         // `xq` lie inside the slices, and `b < xd.len()`.
         let (d_w, w, x, d_x) = unsafe {
