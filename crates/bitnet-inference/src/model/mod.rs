@@ -356,9 +356,9 @@ impl Model {
         if t_all == 0 {
             return Ok(());
         }
-        // Attention score rows: a unit's heads for each parallel task (see `Attention::run`),
-        // as long as the largest cache, so the arena keeps one size for the whole life of a
-        // set of caches (no growth per token).
+        // Attention score rows: a unit's heads for each parallel task (see `Attention::run`;
+        // never more than one per (token, head) pair), as long as the largest cache, so the
+        // arena keeps one size for the whole life of a set of caches (no growth per token).
         let ctx_cap = batch.iter().map(|s| s.cache.capacity()).max().unwrap_or(0);
         let threads = rayon::current_num_threads();
         let tasks = threads * ATTENTION_TASKS_PER_THREAD;
@@ -378,7 +378,7 @@ impl Model {
                     t_all * h,
                     t_all * f,
                     t_all * f,
-                    2 * tasks * (nh / nkv) * ctx_cap,
+                    (t_all * nh).min(2 * tasks * (nh / nkv)) * ctx_cap,
                     t_all,
                     t_all * hd,
                     // The scales of the final hidden state's Q8_0 blocks (a Q8_0 head only).
@@ -590,8 +590,8 @@ struct Attention<'a> {
 
 impl Attention<'_> {
     /// Writes each (token, head)'s softmax-weighted sum of values into `out` (laid out as
-    /// `q`). `scores` holds `heads_per_unit` rows of `ctx_cap` per task: at least
-    /// `2 * tasks * heads_per_unit * ctx_cap` values.
+    /// `q`). `scores` holds `heads_per_unit` rows of `ctx_cap` per task: at most one row per
+    /// (token, head) pair and at most `2 * tasks * heads_per_unit` rows in all.
     fn run<E: CacheValue>(
         &self,
         keys: &[E],
@@ -605,6 +605,13 @@ impl Attention<'_> {
         // Rounded down, so that a few units more than tasks still give every task one (a
         // decode step's 5 or 10 units over 2 threads), at the price of up to twice the tasks.
         let per_task = (units / self.tasks).max(1);
+        // Every task must meet its own score rows (`zip` would drop the tasks past them).
+        let need = units.div_ceil(per_task) * s * ctx_cap;
+        assert!(
+            scores.len() >= need,
+            "{} score values, {need} needed",
+            scores.len()
+        );
         out.par_chunks_mut(per_task * s * hd)
             .zip(scores.par_chunks_mut(s * ctx_cap))
             .enumerate()
