@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::exp::exp_nonpositive;
 use crate::fused::f32_slice;
 use crate::Result;
+use bitnet_quant::kernels::scalar::exp_nonpositive;
 
 /// cos and sin of the RoPE angles, `[positions, head_dim / 2]` each (the rotate-half convention
 /// uses one angle per pair `(i, i + head_dim / 2)`).

@@ -6,8 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
-use crate::exp::exp_nonpositive;
 use crate::Result;
+use bitnet_quant::kernels::scalar::exp_nonpositive;
 
 /// Per-token int8 quantize-dequantize (see [`crate::bitlinear::quantize_activations`]) with the
 /// straight-through gradient, in one pass.

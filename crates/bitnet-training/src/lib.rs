@@ -17,7 +17,6 @@ pub mod config;
 pub mod data;
 mod error;
 pub mod eval;
-mod exp;
 pub mod export;
 pub mod fused;
 pub mod model;

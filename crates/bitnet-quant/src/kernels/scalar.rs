@@ -137,25 +137,33 @@ pub const EXP_POLY: [f32; 8] = [
     1.0,
 ];
 
-/// `e^d` for `d <= 0` (a score minus its row's maximum), within 2 ulp, with operations
-/// every SIMD set repeats exactly: `n = round_ties_even(d * log2(e))`,
-/// `r = (d - n * LN2_HI) - n * LN2_LO`, Horner's rule over [`EXP_POLY`], times `2^n` built in
-/// the exponent bits. 0 below [`EXP_MIN`]; NaN for NaN.
-#[inline]
+/// `e^d` for `d <= 0` (a softmax's shifted score), with a relative error under `2^-22`, by
+/// operations every SIMD set repeats exactly: `n = round_ties_even(d * log2(e))` (here by
+/// adding and subtracting `1.5 * 2^23`, exact in that range), `r = (d - n * LN2_HI) - n *
+/// LN2_LO`, Horner's rule over [`EXP_POLY`], times `2^n` built in the exponent bits. 0 below
+/// [`EXP_MIN`]; NaN for NaN. Branch-free, so loops over it vectorize (the trainer's softmaxes
+/// use it too).
+#[inline(always)]
 pub fn exp_nonpositive(d: f32) -> f32 {
-    if d < EXP_MIN {
-        return 0.0;
-    }
-    let n = (d * std::f32::consts::LOG2_E).round_ties_even();
-    let r = (d - n * LN2_HI) - n * LN2_LO;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+                                     // Clamped (NaN kept: the comparison is false) so that 2^n stays a normal number; the
+                                     // clamped values are zeroed at the end.
+    let dc = if d < EXP_MIN { EXP_MIN } else { d };
+    let shifted = dc * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = (dc - n * LN2_HI) - n * LN2_LO;
     let mut p = EXP_POLY[0];
     for &c in &EXP_POLY[1..] {
         p = p * r + c;
     }
-    // n lies in [-126, 0] for d in [EXP_MIN, 0]: 2^n is a normal f32. (NaN casts to 0, and
-    // p is NaN then anyway; a positive d, which no softmax makes, saturates to infinity.)
-    let e = (n as i32 + 127).clamp(0, 255) as u32;
-    p * f32::from_bits(e << 23)
+    // The low bits of `shifted` hold n (in [-126, 0] here): n + 127 is 2^n's exponent field.
+    let n_bits = shifted.to_bits().wrapping_sub(ROUND.to_bits());
+    let v = p * f32::from_bits(n_bits.wrapping_add(127) << 23);
+    if d < EXP_MIN {
+        0.0
+    } else {
+        v
+    }
 }
 
 /// The `LN2_HI` and `LN2_LO` halves, for the SIMD modules that repeat [`exp_nonpositive`].
