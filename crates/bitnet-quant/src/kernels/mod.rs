@@ -92,9 +92,11 @@ pub(crate) fn checked_gemm_rows(
 pub type DotF16Fn = fn(w: &[half::f16], x: &[f32]) -> f32;
 
 /// Attention scores: `scores[j] = sum_k q[k] * keys[j * stride + k]` over `k < q.len()`, for
-/// `j < scores.len()`, each in the order of [`DotF16Fn`] ([`DOT_SUMS`] running sums, products
-/// rounded before they are added, combined by [`combine_sums`]). Panics if `keys` is shorter
-/// than the last row's end.
+/// `j < scores.len()`, each with [`SCORE_SUMS`] = 8 running sums (sum `i` takes the `k` with
+/// `k mod 8 = i`, in order of `k`), every step one fused multiply-add (`q[k] * key + sum`,
+/// rounded once), combined by [`combine_lanes`]. One vector of sums per score leaves the SIMD
+/// sets registers to score several rows at once, each row its own chain of fused steps.
+/// Panics if `keys` is shorter than the last row's end.
 pub type ScoreRowsFn<E> = fn(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]);
 
 /// Attention's weighted sum of values: `out[i] += sum_j w[j] * values[j * stride + i]` for
@@ -110,6 +112,9 @@ pub type MixRowsFn<E> = fn(out: &mut [f32], w: &[f32], values: &[E], stride: usi
 /// multiply-add), so every implementation gives the same bits for finite scores. A NaN score
 /// makes the whole row NaN.
 pub type SoftmaxFn = fn(x: &mut [f32], scale: f32);
+
+/// Running sums of one attention score ([`ScoreRowsFn`]): one vector of eight lanes.
+pub const SCORE_SUMS: usize = 8;
 
 /// Running sums of the softmax's denominator ([`SoftmaxFn`]): one vector of eight lanes.
 pub const SOFTMAX_SUMS: usize = 8;
@@ -530,12 +535,17 @@ mod tests {
                 scalar::score_rows(&q, &kv16, stride, &mut want16);
                 for j in 0..rows {
                     let row = &kv[j * stride..j * stride + hd];
-                    // The order of DotF16Fn, spelled out: 32 running sums, then combine_sums.
-                    let mut sums = [0f32; DOT_SUMS];
-                    for (i, (&a, &b)) in q.iter().zip(row).enumerate() {
-                        sums[i % DOT_SUMS] += a * b;
-                    }
-                    assert_eq!(want32[j].to_bits(), combine_sums(&sums).to_bits());
+                    // The order of ScoreRowsFn, spelled out: 8 running sums of fused steps,
+                    // then combine_lanes.
+                    let spelled = |row: &mut dyn Iterator<Item = f32>| {
+                        let mut sums = [0f32; SCORE_SUMS];
+                        for (i, (&a, b)) in q.iter().zip(row).enumerate() {
+                            sums[i % SCORE_SUMS] = a.mul_add(b, sums[i % SCORE_SUMS]);
+                        }
+                        combine_lanes(&sums)
+                    };
+                    let want = spelled(&mut row.iter().copied());
+                    assert_eq!(want32[j].to_bits(), want.to_bits());
                     let exact: f64 = q.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let size: f64 = q
                         .iter()
@@ -544,7 +554,8 @@ mod tests {
                         .sum();
                     assert!((want32[j] as f64 - exact).abs() <= 1e-6 * (1.0 + size));
                     let row16 = &kv16[j * stride..j * stride + hd];
-                    assert_eq!(want16[j].to_bits(), scalar::dot_f16(row16, &q).to_bits());
+                    let want = spelled(&mut row16.iter().map(|v| v.to_f32()));
+                    assert_eq!(want16[j].to_bits(), want.to_bits());
                 }
                 let mut mix32 = out0.clone();
                 scalar::mix_rows(&mut mix32, &w, &kv, stride);

@@ -1,6 +1,8 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
-use super::{combine_lanes, combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS, SOFTMAX_SUMS};
+use super::{
+    combine_lanes, combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS, SCORE_SUMS, SOFTMAX_SUMS,
+};
 use crate::q6_k::{self, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
@@ -81,11 +83,11 @@ impl CacheElem for half::f16 {
 pub fn score_rows<E: CacheElem>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
     let n = q.len();
     for (j, s) in scores.iter_mut().enumerate() {
-        let mut acc = [0f32; DOT_SUMS];
+        let mut acc = [0f32; SCORE_SUMS];
         for (k, (x, y)) in q.iter().zip(&keys[j * stride..j * stride + n]).enumerate() {
-            acc[k % DOT_SUMS] += x * y.to_f32();
+            acc[k % SCORE_SUMS] = x.mul_add(y.to_f32(), acc[k % SCORE_SUMS]);
         }
-        *s = combine_sums(&acc);
+        *s = combine_lanes(&acc);
     }
 }
 

@@ -7,9 +7,9 @@
 use std::arch::aarch64::*;
 use std::arch::is_aarch64_feature_detected;
 
-use super::neon::{store_sums, widen_f16};
+use super::neon::widen_f16;
 use crate::kernels::scalar::{self, CacheElem, EXP_MIN, EXP_POLY, LN2_SPLIT};
-use crate::kernels::{combine_lanes, combine_sums, mix_blocks, rows_span, DOT_SUMS, SOFTMAX_SUMS};
+use crate::kernels::{combine_lanes, mix_blocks, rows_span, SCORE_SUMS, SOFTMAX_SUMS};
 
 /// A cache element the vector loops can load eight at a time as f32.
 pub trait Lanes8: CacheElem {
@@ -39,6 +39,10 @@ impl Lanes8 for half::f16 {
     }
 }
 
+/// Key rows one score tile takes at once: eight rows of two accumulators each, sixteen
+/// chains of fused steps in flight in half of the 32 registers.
+const SCORE_TILE: usize = 8;
+
 /// Attention scores; see [`crate::kernels::ScoreRowsFn`]. Falls back to the scalar kernel
 /// without NEON.
 pub fn score_rows<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
@@ -54,32 +58,70 @@ pub fn score_rows<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut 
 
 #[target_feature(enable = "neon")]
 unsafe fn score_rows_neon<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    let mut tiles = scores.chunks_exact_mut(SCORE_TILE);
+    let mut j = 0;
+    for out in &mut tiles {
+        // SAFETY: rows j.. of the tile lie in `keys` (the caller's bounds).
+        unsafe { score_tile::<E, SCORE_TILE>(q, keys, stride, j, out) };
+        j += SCORE_TILE;
+    }
+    for out in tiles.into_remainder().chunks_exact_mut(1) {
+        // SAFETY: as above, for one row.
+        unsafe { score_tile::<E, 1>(q, keys, stride, j, out) };
+        j += 1;
+    }
+}
+
+/// The scores of the `R` rows from row `j0` into `out`: running sums 0-3 and 4-7 of each row
+/// in two vectors, each query vector loaded once for all `R` rows.
+///
+/// # Safety
+///
+/// NEON must be available; `out.len() == R`, and rows `j0..j0 + R` (`q.len()` values each,
+/// `stride` apart) must lie in `keys`.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn score_tile<E: Lanes8, const R: usize>(
+    q: &[f32],
+    keys: &[E],
+    stride: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
     let n = q.len();
-    let full = n / DOT_SUMS * DOT_SUMS;
-    for (j, s) in scores.iter_mut().enumerate() {
-        let row = &keys[j * stride..j * stride + n];
-        let mut acc = [vdupq_n_f32(0.0); DOT_SUMS / 4];
-        for k in (0..full).step_by(DOT_SUMS) {
-            for v in 0..4 {
-                let at = k + 8 * v;
-                // SAFETY: k + 32 <= full <= n: eight values at `at` of `q` and `row`.
-                let (q0, q1, (k0, k1)) = unsafe {
-                    (
-                        vld1q_f32(q.as_ptr().add(at)),
-                        vld1q_f32(q.as_ptr().add(at + 4)),
-                        E::load8(row.as_ptr().add(at)),
-                    )
-                };
-                acc[2 * v] = vaddq_f32(acc[2 * v], vmulq_f32(q0, k0));
-                acc[2 * v + 1] = vaddq_f32(acc[2 * v + 1], vmulq_f32(q1, k1));
-            }
+    let full = n / SCORE_SUMS * SCORE_SUMS;
+    // SAFETY: row j0 starts inside `keys` by the contract; the pointer is only offset within
+    // the tile's rows below.
+    let base = unsafe { keys.as_ptr().add(j0 * stride) };
+    let mut lo = [vdupq_n_f32(0.0); R];
+    let mut hi = [vdupq_n_f32(0.0); R];
+    for k in (0..full).step_by(SCORE_SUMS) {
+        // SAFETY: k + 8 <= full <= n: eight values of `q`, and of each row r < R at k.
+        let (q0, q1) = unsafe {
+            (
+                vld1q_f32(q.as_ptr().add(k)),
+                vld1q_f32(q.as_ptr().add(k + 4)),
+            )
+        };
+        for r in 0..R {
+            // SAFETY: as just said, row r of the tile at k.
+            let (k0, k1) = unsafe { E::load8(base.add(r * stride + k)) };
+            lo[r] = vfmaq_f32(lo[r], q0, k0);
+            hi[r] = vfmaq_f32(hi[r], q1, k1);
         }
-        // SAFETY: NEON is enabled here.
-        let mut sums: [f32; DOT_SUMS] = unsafe { store_sums(&acc) };
-        for (i, (x, y)) in q[full..].iter().zip(&row[full..]).enumerate() {
-            sums[i] += x * y.to_f32();
+    }
+    for (r, o) in out.iter_mut().enumerate() {
+        let mut sums = [0f32; SCORE_SUMS];
+        // SAFETY: eight f32 fit `sums`.
+        unsafe {
+            vst1q_f32(sums.as_mut_ptr(), lo[r]);
+            vst1q_f32(sums.as_mut_ptr().add(4), hi[r]);
         }
-        *s = combine_sums(&sums);
+        let row = &keys[(j0 + r) * stride + full..(j0 + r) * stride + n];
+        for (s, (x, y)) in sums.iter_mut().zip(q[full..].iter().zip(row)) {
+            *s = x.mul_add(y.to_f32(), *s);
+        }
+        *o = combine_lanes(&sums);
     }
 }
 

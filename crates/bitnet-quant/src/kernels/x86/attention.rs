@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 
 use super::avx2::store_sums;
 use crate::kernels::scalar::{self, CacheElem, EXP_MIN, EXP_POLY, LN2_SPLIT};
-use crate::kernels::{combine_lanes, combine_sums, mix_blocks, rows_span, DOT_SUMS, SOFTMAX_SUMS};
+use crate::kernels::{combine_lanes, mix_blocks, rows_span, SCORE_SUMS, SOFTMAX_SUMS};
 
 /// A cache element the vector loops can load eight at a time as f32.
 pub trait Lanes8: CacheElem {
@@ -47,61 +47,79 @@ fn detected() -> bool {
     is_x86_feature_detected!("avx") && is_x86_feature_detected!("f16c")
 }
 
+/// Key rows one score tile takes at once: eight chains of fused steps in flight, enough to
+/// cover the latency of `vfmadd` with eight of the sixteen registers.
+const SCORE_TILE: usize = 8;
+
 /// Attention scores; see [`crate::kernels::ScoreRowsFn`]. Falls back to the scalar kernel
-/// without AVX and F16C.
+/// without AVX, F16C and FMA.
 pub fn score_rows<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
-    if !detected() {
+    if !(detected() && is_x86_feature_detected!("fma")) {
         return scalar::score_rows(q, keys, stride, scores);
     }
     let need = rows_span(scores.len(), stride, q.len());
     assert!(keys.len() >= need, "{} keys, {need} needed", keys.len());
-    // SAFETY: AVX and F16C were just detected; every row `j < scores.len()` reads `q.len()`
-    // values from `j * stride`, inside `keys` by the assert.
-    unsafe { score_rows_avx(q, keys, stride, scores) }
+    // SAFETY: AVX, F16C and FMA were just detected; every row `j < scores.len()` reads
+    // `q.len()` values from `j * stride`, inside `keys` by the assert.
+    unsafe { score_rows_fma(q, keys, stride, scores) }
 }
 
-#[target_feature(enable = "avx,f16c")]
-unsafe fn score_rows_avx<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
-    let n = q.len();
-    let full = n / DOT_SUMS * DOT_SUMS;
-    for (j, s) in scores.iter_mut().enumerate() {
-        let row = &keys[j * stride..j * stride + n];
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for k in (0..full).step_by(DOT_SUMS) {
-            for (v, a) in acc.iter_mut().enumerate() {
-                // SAFETY: k + 32 <= full <= n: eight values at k + 8v of `q` and `row`.
-                let (qv, kv) = unsafe {
-                    (
-                        _mm256_loadu_ps(q.as_ptr().add(k + 8 * v)),
-                        E::load8(row.as_ptr().add(k + 8 * v)),
-                    )
-                };
-                *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, kv));
-            }
-        }
-        *s = if full == n {
-            combine_in_registers(acc)
-        } else {
-            let mut sums: [f32; DOT_SUMS] = store_sums(&acc);
-            for (i, (x, y)) in q[full..].iter().zip(&row[full..]).enumerate() {
-                sums[i] += x * y.to_f32();
-            }
-            combine_sums(&sums)
-        };
+#[target_feature(enable = "avx,f16c,fma")]
+unsafe fn score_rows_fma<E: Lanes8>(q: &[f32], keys: &[E], stride: usize, scores: &mut [f32]) {
+    let mut tiles = scores.chunks_exact_mut(SCORE_TILE);
+    let mut j = 0;
+    for out in &mut tiles {
+        // SAFETY (for both calls): rows j.. of the tile lie in `keys` (the caller's bounds).
+        unsafe { score_tile::<E, SCORE_TILE>(q, keys, stride, j, out) };
+        j += SCORE_TILE;
+    }
+    for out in tiles.into_remainder().chunks_exact_mut(1) {
+        // SAFETY: as above, for one row.
+        unsafe { score_tile::<E, 1>(q, keys, stride, j, out) };
+        j += 1;
     }
 }
 
-/// [`combine_sums`] of the 32 running sums held as four vectors (sum `8 v + j` in lane `j` of
-/// `acc[v]`), with the same additions in the same order.
-#[target_feature(enable = "avx")]
+/// The scores of the `R` rows from row `j0` into `out`: one vector of running sums per row,
+/// each query vector loaded once for all `R` rows.
+///
+/// # Safety
+///
+/// AVX, F16C and FMA must be available; `out.len() == R`, and rows `j0..j0 + R` (`q.len()`
+/// values each, `stride` apart) must lie in `keys`.
+#[target_feature(enable = "avx,f16c,fma")]
 #[inline]
-fn combine_in_registers(acc: [__m256; 4]) -> f32 {
-    // (s_j + s_8+j) + (s_16+j + s_24+j) for every lane j.
-    let t = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    // combine_lanes: b_i = t_i + t_4+i, then (b0 + b1) + (b2 + b3).
-    let b = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-    let c = _mm_add_ps(b, _mm_movehdup_ps(b));
-    _mm_cvtss_f32(_mm_add_ss(c, _mm_movehl_ps(c, c)))
+unsafe fn score_tile<E: Lanes8, const R: usize>(
+    q: &[f32],
+    keys: &[E],
+    stride: usize,
+    j0: usize,
+    out: &mut [f32],
+) {
+    let n = q.len();
+    let full = n / SCORE_SUMS * SCORE_SUMS;
+    // SAFETY: row j0 starts inside `keys` by the contract; the pointer is only offset within
+    // the tile's rows below.
+    let base = unsafe { keys.as_ptr().add(j0 * stride) };
+    let mut acc = [_mm256_setzero_ps(); R];
+    for k in (0..full).step_by(SCORE_SUMS) {
+        // SAFETY: k + 8 <= full <= n: eight values of `q`, and of each row r < R at k.
+        let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(k)) };
+        for (r, a) in acc.iter_mut().enumerate() {
+            // SAFETY: as just said, row r of the tile at k.
+            let kv = unsafe { E::load8(base.add(r * stride + k)) };
+            *a = _mm256_fmadd_ps(qv, kv, *a);
+        }
+    }
+    for (r, (a, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
+        // SAFETY: AVX is enabled here; the function only stores a register.
+        let mut sums: [f32; SCORE_SUMS] = unsafe { store_sums(&[*a]) };
+        let row = &keys[(j0 + r) * stride + full..(j0 + r) * stride + n];
+        for (s, (x, y)) in sums.iter_mut().zip(q[full..].iter().zip(row)) {
+            *s = x.mul_add(y.to_f32(), *s);
+        }
+        *o = combine_lanes(&sums);
+    }
 }
 
 /// Weighted sum of value rows; see [`crate::kernels::MixRowsFn`]. Falls back to the scalar
