@@ -1,8 +1,9 @@
 //! Attention over the KV cache (NEON), shared by both AArch64 sets: the scores of one query
 //! against a run of key rows, their softmax, and the weighted sum of a run of value rows, for
 //! f32 and f16 caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`],
-//! [`crate::kernels::SoftmaxFn`] and [`crate::kernels::MixRowsFn`]), so the bits agree. As on x86, one call covers every row of
-//! a head, and the weighted sum keeps up to 64 outputs in registers through all the rows.
+//! [`crate::kernels::SoftmaxFn`] and [`crate::kernels::MixRowsFn`]), so the bits agree. As on
+//! x86, one call covers a run of rows, the scores take eight rows per query load, and the
+//! weighted sum keeps up to 64 outputs in registers through all the rows.
 
 use std::arch::aarch64::*;
 use std::arch::is_aarch64_feature_detected;

@@ -1,13 +1,14 @@
-//! Attention over the KV cache (AVX with F16C; AVX2 for the softmax), shared by every x86
-//! set: the scores of one query against a run of key rows, their softmax, and the weighted
+//! Attention over the KV cache (AVX with F16C; FMA for the scores, AVX2 for the softmax),
+//! shared by every x86 set: the scores of one query against a run of key rows, their softmax, and the weighted
 //! sum of a run of value rows, for f32 and f16 caches, in the scalar kernels' order (see
 //! [`crate::kernels::ScoreRowsFn`], [`crate::kernels::SoftmaxFn`] and
 //! [`crate::kernels::MixRowsFn`]), so the bits agree.
 //!
-//! One call covers every row of a head, so the feature check, the call and the setup are paid
-//! once per head rather than once per cached position (per-row calls cost more than the
-//! arithmetic at head sizes of 64-128). The weighted sum keeps up to 64 outputs in eight
-//! registers while it walks all the rows, instead of loading and storing them once per row.
+//! One call covers a run of rows, so the feature check, the call and the setup are paid once
+//! per run rather than once per cached position (per-row calls cost more than the arithmetic
+//! at head sizes of 64-128). The scores take eight rows per query load, one vector of sums
+//! each; the weighted sum keeps up to 64 outputs in eight registers while it walks all the
+//! rows, instead of loading and storing them once per row.
 
 use std::arch::x86_64::*;
 
