@@ -171,7 +171,7 @@ impl KvCache {
     /// Stores the key and value rows (`kv_dim` each) of `layer` at position `pos`, rounded to
     /// the cache's type.
     pub(crate) fn write_row(&mut self, layer: usize, pos: usize, key: &[f32], value: &[f32]) {
-        let at = layer * self.capacity * self.kv_dim + pos * self.kv_dim;
+        let at = self.span(layer).start + pos * self.kv_dim;
         let rows = at..at + self.kv_dim;
         match &mut self.store {
             Store::F32 { k, v } => {

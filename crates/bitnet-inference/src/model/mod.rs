@@ -653,7 +653,7 @@ impl Attention<'_> {
                 E::scores(self.kern, qg, k, kvd, &mut sg[j0..j1]);
             }
         }
-        for sg in sc.chunks_mut(ctx_cap).take(self.heads_per_unit) {
+        for sg in sc.chunks_mut(ctx_cap) {
             (self.kern.softmax)(&mut sg[..len], self.scale);
         }
         out.fill(0.0);

@@ -147,9 +147,10 @@ pub const EXP_POLY: [f32; 8] = [
 /// use it too).
 #[inline(always)]
 pub fn exp_nonpositive(d: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-                                     // Clamped (NaN kept: the comparison is false) so that 2^n stays a normal number; the
-                                     // clamped values are zeroed at the end.
+    // 1.5 * 2^23: adding it rounds to an integer.
+    const ROUND: f32 = 12_582_912.0;
+    // Clamped (NaN kept: the comparison is false) so that 2^n stays a normal number; the
+    // clamped values are zeroed at the end.
     let dc = if d < EXP_MIN { EXP_MIN } else { d };
     let shifted = dc * std::f32::consts::LOG2_E + ROUND;
     let n = shifted - ROUND;

@@ -8,7 +8,7 @@
 use std::arch::aarch64::*;
 use std::arch::is_aarch64_feature_detected;
 
-use super::neon::widen_f16;
+use super::neon::{store_sums, widen_f16};
 use crate::kernels::scalar::{self, CacheElem, EXP_MIN, EXP_POLY, LN2_SPLIT};
 use crate::kernels::{combine_lanes, mix_blocks, rows_span, SCORE_SUMS, SOFTMAX_SUMS};
 
@@ -112,12 +112,8 @@ unsafe fn score_tile<E: Lanes8, const R: usize>(
         }
     }
     for (r, o) in out.iter_mut().enumerate() {
-        let mut sums = [0f32; SCORE_SUMS];
-        // SAFETY: eight f32 fit `sums`.
-        unsafe {
-            vst1q_f32(sums.as_mut_ptr(), lo[r]);
-            vst1q_f32(sums.as_mut_ptr().add(4), hi[r]);
-        }
+        // SAFETY: NEON is enabled here; the function only stores registers.
+        let mut sums: [f32; SCORE_SUMS] = unsafe { store_sums(&[lo[r], hi[r]]) };
         let row = &keys[(j0 + r) * stride + full..(j0 + r) * stride + n];
         for (s, (x, y)) in sums.iter_mut().zip(q[full..].iter().zip(row)) {
             *s = x.mul_add(y.to_f32(), *s);
@@ -252,12 +248,8 @@ unsafe fn softmax_neon(x: &mut [f32], scale: f32) {
             hi = vaddq_f32(hi, e1);
         }
     }
-    let mut sums = [0f32; SOFTMAX_SUMS];
-    // SAFETY: eight f32 fit `sums`.
-    unsafe {
-        vst1q_f32(sums.as_mut_ptr(), lo);
-        vst1q_f32(sums.as_mut_ptr().add(4), hi);
-    }
+    // SAFETY: NEON is enabled here; the function only stores registers.
+    let mut sums: [f32; SOFTMAX_SUMS] = unsafe { store_sums(&[lo, hi]) };
     for (j, v) in x[full..].iter_mut().enumerate() {
         *v = scalar::exp_nonpositive(*v - m);
         sums[j] += *v;
