@@ -14,6 +14,7 @@ use bitnet_inference::loader::{self, LoadOptions, LoadedModel, ModelKind};
 use bitnet_inference::model::{DenseFormat, GgufOptions, LogitsFor, SeqStep};
 use bitnet_inference::sampler::SamplerConfig;
 use bitnet_quant::i2s::I2sLayout;
+use bitnet_quant::WeightLayout;
 use clap::Args;
 
 use crate::ThreadArgs;
@@ -37,6 +38,11 @@ pub struct ModelArgs {
     /// q8_0 halves the head's bytes per token against f16, q6_k takes 41%.
     #[arg(long)]
     head_type: Option<String>,
+    /// How the ternary layers are kept in memory: 2bit (the default, the fastest kernels) or
+    /// base3 (1.6 bits per weight: 20% fewer bytes per token for about twice the decoding
+    /// work, a gain only where decoding waits on memory; same logits).
+    #[arg(long, default_value = "2bit")]
+    weight_layout: String,
     /// How the KV cache stores keys and values: f32 (exact, the default) or f16 (half the
     /// memory and of the bytes each generated token reads back at long contexts, like
     /// llama.cpp's default; keys and values rounded to f16).
@@ -59,6 +65,7 @@ impl ModelArgs {
             head: parse(&self.head_type)
                 .map(|h| DenseFormat::parse(&h))
                 .transpose()?,
+            weight_layout: WeightLayout::parse(&self.weight_layout)?,
         })
     }
 
@@ -521,9 +528,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         a.model.model.display()
     )?;
     outln!(
-        "threads: {}, kernels: {}, CPU features: {}",
+        "threads: {}, kernels: {}, weights: {}, CPU features: {}",
         r.threads,
         r.kernels,
+        r.weight_layout,
         r.cpu_features
     )?;
     if let Some(pp) = r.pp {

@@ -99,6 +99,51 @@ fn logits_match_transformers_full_and_incremental() {
 }
 
 #[test]
+fn dense_weight_layout_gives_identical_logits() {
+    let dir = scratch("layout");
+    let ids = prompt_ids_arg();
+    for model in [fixture("hf_packed"), fixture("gguf/tiny-bitnet-TQ2_0.gguf")] {
+        let (_, two_bit) = logits(&model, &["--ids", &ids], &dir, "a.npy");
+        let (_, dense) = logits(
+            &model,
+            &["--ids", &ids, "--weight-layout", "base3"],
+            &dir,
+            "b.npy",
+        );
+        assert!(two_bit
+            .iter()
+            .zip(&dense)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+    let o = bitnet(&[
+        "bench",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "-p",
+        "4",
+        "-n",
+        "2",
+        "--reps",
+        "1",
+        "--json",
+        "--weight-layout",
+        "base3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["weight_layout"], "base3");
+    let o = bitnet(&[
+        "bench",
+        "--model",
+        fixture("hf_packed").to_str().unwrap(),
+        "--weight-layout",
+        "base4",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("weight layout"), "{}", stderr(&o));
+}
+
+#[test]
 fn thread_counts_give_identical_logits() {
     let dir = scratch("threads");
     let ids = prompt_ids_arg();

@@ -75,6 +75,8 @@ pub struct BenchReport {
     pub bytes_per_token: usize,
     /// The kernel set used.
     pub kernels: String,
+    /// The runtime layout of the ternary weights (`2bit` or `base3`).
+    pub weight_layout: String,
     /// The CPU features detected.
     pub cpu_features: String,
 }
@@ -177,6 +179,7 @@ pub fn run_bench(model: &Model, cfg: &BenchConfig) -> Result<BenchReport> {
         tg: Rate::of(tg),
         bytes_per_token: model.weight_bytes_per_token(),
         kernels: model.kernels().name.to_string(),
+        weight_layout: model.weight_layout().name().to_string(),
         cpu_features: CpuFeatures::get().to_string(),
     })
 }

@@ -7,6 +7,7 @@ use crate::formats::gguf_tokenizer::{chat_template, tokenizer_from_gguf};
 use crate::model::{DenseFormat, GgufOptions, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
+use bitnet_quant::WeightLayout;
 
 /// A model ready to generate: the network and its tokenizer.
 pub struct LoadedModel {
@@ -27,6 +28,8 @@ pub struct LoadOptions {
     pub gguf: GgufOptions,
     /// Re-encode the output head in this format (`None`: keep the file's).
     pub head: Option<DenseFormat>,
+    /// The runtime layout of the ternary layers (default: 2-bit).
+    pub weight_layout: WeightLayout,
 }
 
 /// The kinds of model path we recognise.
@@ -72,10 +75,19 @@ pub fn load(path: &Path, opts: &LoadOptions) -> Result<LoadedModel> {
         ModelKind::Gguf => return load_gguf(GgufFile::open(path)?, opts),
     };
     check_vocab(&loaded.model, &loaded.tokenizer, path)?;
-    if let Some(f) = opts.head {
-        loaded.model.set_head_format(f)?;
-    }
+    apply(&mut loaded.model, opts)?;
     Ok(loaded)
+}
+
+/// The options that change a loaded model: the head's format and the weights' layout.
+fn apply(model: &mut Model, opts: &LoadOptions) -> Result<()> {
+    if let Some(f) = opts.head {
+        model.set_head_format(f)?;
+    }
+    if opts.weight_layout != model.weight_layout() {
+        model.set_weight_layout(opts.weight_layout)?;
+    }
+    Ok(())
 }
 
 /// Loads a parsed GGUF file (from disk or built into the program) and its tokenizer.
@@ -88,9 +100,7 @@ pub fn load_gguf(gguf: GgufFile, opts: &LoadOptions) -> Result<LoadedModel> {
         source: path.clone(),
     };
     check_vocab(&loaded.model, &loaded.tokenizer, &path)?;
-    if let Some(f) = opts.head {
-        loaded.model.set_head_format(f)?;
-    }
+    apply(&mut loaded.model, opts)?;
     Ok(loaded)
 }
 

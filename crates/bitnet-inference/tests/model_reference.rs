@@ -322,3 +322,60 @@ fn f16_kv_cache_stays_close_to_the_reference() {
         assert_eq!(argmax(got), argmax(w), "argmax at position {p}");
     }
 }
+
+#[test]
+fn dense_layout_gives_the_same_logits_bit_for_bit() {
+    use bitnet_quant::WeightLayout;
+    let in_layout = |layout| {
+        let mut m = load("hf_packed");
+        m.set_weight_layout(layout).unwrap();
+        assert_eq!(m.weight_layout(), layout);
+        m
+    };
+    let (two_bit, dense) = (load("hf_packed"), in_layout(WeightLayout::Base3));
+    for (a, b) in two_bit.layers().iter().zip(dense.layers()) {
+        for ((name, la), (_, lb)) in a.linears().into_iter().zip(b.linears()) {
+            assert_eq!(lb.weight().layout(), WeightLayout::Base3, "{name}");
+            assert_eq!(la.weight().to_codes(), lb.weight().to_codes(), "{name}");
+            // Never more bytes (the same for rows as short as these fixtures': both pad
+            // them to one 32-byte block).
+            assert!(
+                lb.weight().bytes().len() <= la.weight().bytes().len(),
+                "{name}"
+            );
+        }
+    }
+    let ids = prompt_ids();
+    let (_, want) = npy_f32("ref/logits_packed_f32.npy");
+    let same_bits = |x: &[f32], y: &[f32]| {
+        x.len() == y.len() && x.iter().zip(y).all(|(a, b)| a.to_bits() == b.to_bits())
+    };
+    for ks in Kernels::available() {
+        let (mut a, mut b) = (load("hf_packed"), in_layout(WeightLayout::Base3));
+        a.set_kernels(ks);
+        b.set_kernels(ks);
+        // Exact integer products: the same bits, prompt at once and token by token.
+        let full = logits_all(&b, &ids);
+        assert!(same_bits(&full, &logits_all(&a, &ids)), "{}: full", ks.name);
+        let inc = logits_incremental(&b, &ids);
+        assert!(
+            same_bits(&inc, &logits_incremental(&a, &ids)),
+            "{}: incremental",
+            ks.name
+        );
+        let d = max_abs_diff(&full, &want);
+        assert!(
+            d <= 1e-4,
+            "{}: max abs diff {d} against transformers",
+            ks.name
+        );
+    }
+    // And back: the 2-bit layout again, byte for byte.
+    let mut back = in_layout(WeightLayout::Base3);
+    back.set_weight_layout(WeightLayout::TwoBit).unwrap();
+    for (a, b) in two_bit.layers().iter().zip(back.layers()) {
+        for ((name, la), (_, lb)) in a.linears().into_iter().zip(b.linears()) {
+            assert_eq!(la.weight().bytes(), lb.weight().bytes(), "{name}");
+        }
+    }
+}

@@ -8,6 +8,10 @@
 //! same bytes, so the two throughputs compare the kernel with the memory bandwidth.
 //! `cargo bench -p bitnet-quant --bench ternary_kernels -- gemv_stream`
 //!
+//! Every set's products are measured in both runtime layouts (`<set>` is the 2-bit one,
+//! `<set>-base3` the dense one), and `gemv_stream` streams both, so the time per iteration
+//! compares the layouts where decoding waits on memory.
+//!
 //! `head` is the output head's dot products (f16, Q8_0, Q6_K) over 32768 rows of 2560 (a
 //! quarter of the 2B-4T vocabulary, past the cache), per kernel set; throughput in bytes read.
 
@@ -15,7 +19,7 @@ use std::hint::black_box;
 
 use bitnet_core::{AlignedBuffer, Storage};
 use bitnet_quant::kernels::Kernels;
-use bitnet_quant::{holds_code_3, TernaryMatrix, BLOCK_BYTES};
+use bitnet_quant::{holds_code_3, Base3Matrix, TernaryMatrix, BLOCK_BYTES};
 use criterion::{
     criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
 };
@@ -38,8 +42,9 @@ fn matrix(rows: usize, cols: usize) -> TernaryMatrix {
     TernaryMatrix::from_codes(&codes, rows, cols).unwrap()
 }
 
+/// Random activation rows padded for the 2-bit layout, as many as the dense layout needs too.
 fn activations(cols: usize, tokens: usize) -> Vec<i8> {
-    let k = TernaryMatrix::padded_cols(cols);
+    let k = TernaryMatrix::padded_cols(cols).max(Base3Matrix::padded_cols(cols));
     let mut s = 7;
     let mut x = vec![0i8; tokens * k];
     for row in x.chunks_exact_mut(k) {
@@ -50,24 +55,43 @@ fn activations(cols: usize, tokens: usize) -> Vec<i8> {
     x
 }
 
+/// `tokens` random activation rows of `k` (a layout's padded length) laid end to end.
+fn activations_for(cols: usize, tokens: usize, k: usize) -> Vec<i8> {
+    let one = activations(cols, 1);
+    (0..tokens).flat_map(|_| one[..k].iter().copied()).collect()
+}
+
 fn gemv(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemv");
     for (rows, cols) in SHAPES {
         let m = matrix(rows, cols);
-        let x = activations(cols, 1);
+        let m3 = Base3Matrix::from_ternary(&m);
         let mut out = vec![0i32; rows];
         g.throughput(Throughput::Elements((rows * cols) as u64));
         for k in Kernels::available() {
-            g.bench_with_input(
-                BenchmarkId::new(k.name, format!("{rows}x{cols}")),
-                &(),
-                |b, _| {
-                    b.iter(|| {
-                        (k.gemv)(black_box(m.bytes()), m.row_bytes(), black_box(&x), &mut out);
-                        black_box(&out);
-                    })
-                },
-            );
+            let layouts = [
+                (k.name.to_string(), m.bytes(), m.row_bytes(), 4, k.gemv),
+                (
+                    format!("{}-base3", k.name),
+                    m3.bytes(),
+                    m3.row_bytes(),
+                    5,
+                    k.gemv_base3,
+                ),
+            ];
+            for (name, w, rb, per_byte, gemv) in layouts {
+                let x = &activations(cols, 1)[..rb * per_byte];
+                g.bench_with_input(
+                    BenchmarkId::new(name, format!("{rows}x{cols}")),
+                    &(),
+                    |b, _| {
+                        b.iter(|| {
+                            gemv(black_box(w), rb, black_box(x), &mut out);
+                            black_box(&out);
+                        })
+                    },
+                );
+            }
         }
     }
     g.finish();
@@ -82,26 +106,33 @@ fn gemm(c: &mut Criterion) {
         }
         for (rows, cols) in SHAPES {
             let m = matrix(rows, cols);
-            let x = activations(cols, tokens);
+            let m3 = Base3Matrix::from_ternary(&m);
             let mut out = vec![0i32; rows * tokens];
             g.throughput(Throughput::Elements((rows * cols * tokens) as u64));
             for k in Kernels::available() {
-                g.bench_with_input(
-                    BenchmarkId::new(k.name, format!("{rows}x{cols}")),
-                    &(),
-                    |b, _| {
-                        b.iter(|| {
-                            (k.gemm)(
-                                black_box(m.bytes()),
-                                m.row_bytes(),
-                                black_box(&x),
-                                tokens,
-                                &mut out,
-                            );
-                            black_box(&out);
-                        })
-                    },
-                );
+                let layouts = [
+                    (k.name.to_string(), m.bytes(), m.row_bytes(), 4, k.gemm),
+                    (
+                        format!("{}-base3", k.name),
+                        m3.bytes(),
+                        m3.row_bytes(),
+                        5,
+                        k.gemm_base3,
+                    ),
+                ];
+                for (name, w, rb, per_byte, gemm) in layouts {
+                    let x = activations_for(cols, tokens, rb * per_byte);
+                    g.bench_with_input(
+                        BenchmarkId::new(name, format!("{rows}x{cols}")),
+                        &(),
+                        |b, _| {
+                            b.iter(|| {
+                                gemm(black_box(w), rb, black_box(&x), tokens, &mut out);
+                                black_box(&out);
+                            })
+                        },
+                    );
+                }
             }
         }
         g.finish();
@@ -142,6 +173,8 @@ fn gemv_stream(c: &mut Criterion) {
         .map(|(r, k)| random_matrix(r, k, &mut seed))
         .collect();
     let total: usize = mats.iter().map(|m| m.bytes().len()).sum();
+    let dense: Vec<Base3Matrix> = mats.iter().map(Base3Matrix::from_ternary).collect();
+    let total3: usize = dense.iter().map(|m| m.bytes().len()).sum();
     let x2560 = activations(2560, 1);
     let x6912 = activations(6912, 1);
     let mut out = vec![0i32; 6912];
@@ -153,11 +186,31 @@ fn gemv_stream(c: &mut Criterion) {
         b.iter(|| {
             for m in &mats {
                 let x = if m.cols() == 2560 { &x2560 } else { &x6912 };
-                (k.gemv)(black_box(m.bytes()), m.row_bytes(), x, &mut out);
+                (k.gemv)(
+                    black_box(m.bytes()),
+                    m.row_bytes(),
+                    &x[..m.row_bytes() * 4],
+                    &mut out,
+                );
             }
             black_box(&out);
         })
     });
+    g.throughput(Throughput::Bytes(total3 as u64));
+    g.bench_function(
+        BenchmarkId::new(format!("{}-base3", k.name), "2b4t_30_layers"),
+        |b| {
+            b.iter(|| {
+                for m in &dense {
+                    let x = if m.cols() == 2560 { &x2560 } else { &x6912 };
+                    let rb = m.row_bytes();
+                    (k.gemv_base3)(black_box(m.bytes()), rb, &x[..rb * 5], &mut out);
+                }
+                black_box(&out);
+            })
+        },
+    );
+    g.throughput(Throughput::Bytes(total as u64));
     // The bandwidth reference: XOR of every 8 bytes (the compiler vectorizes it).
     g.bench_function(BenchmarkId::new("read", "2b4t_30_layers"), |b| {
         b.iter(|| {

@@ -2,10 +2,147 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::Kernels;
+use crate::kernels::{GemmFn, GemvFn, Kernels};
 use crate::quantize::quantize_activations;
 use crate::ternary::{BLOCK_BYTES, BLOCK_ELEMS, ROW_GROUP};
-use crate::{Error, Result, TernaryMatrix};
+use crate::{Base3Matrix, Error, Result, TernaryMatrix};
+
+/// The runtime layouts a layer's ternary weights can be kept in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightLayout {
+    /// Two bits per weight ([`TernaryMatrix`]): the fastest kernels, the default.
+    #[default]
+    TwoBit,
+    /// Five weights per byte, 1.6 bits per weight ([`Base3Matrix`]): 20% fewer bytes to
+    /// stream per token for about twice the decoding work, a gain only where decoding waits
+    /// on memory.
+    Base3,
+}
+
+impl WeightLayout {
+    /// Parses `2bit` or `base3` (case-insensitive).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "2bit" | "2-bit" => Ok(WeightLayout::TwoBit),
+            "base3" | "base-3" => Ok(WeightLayout::Base3),
+            _ => Err(Error::InvalidInput(format!(
+                "unknown weight layout {s:?}: expected 2bit or base3"
+            ))),
+        }
+    }
+
+    /// The name [`Self::parse`] takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightLayout::TwoBit => "2bit",
+            WeightLayout::Base3 => "base3",
+        }
+    }
+}
+
+/// A layer's ternary weights in one of the runtime layouts.
+#[derive(Debug, Clone)]
+pub enum PackedWeights {
+    /// The 2-bit layout.
+    TwoBit(TernaryMatrix),
+    /// The dense base-3 layout.
+    Base3(Base3Matrix),
+}
+
+impl From<TernaryMatrix> for PackedWeights {
+    fn from(m: TernaryMatrix) -> Self {
+        PackedWeights::TwoBit(m)
+    }
+}
+
+impl From<Base3Matrix> for PackedWeights {
+    fn from(m: Base3Matrix) -> Self {
+        PackedWeights::Base3(m)
+    }
+}
+
+impl PackedWeights {
+    /// The layout the weights are in.
+    pub fn layout(&self) -> WeightLayout {
+        match self {
+            PackedWeights::TwoBit(_) => WeightLayout::TwoBit,
+            PackedWeights::Base3(_) => WeightLayout::Base3,
+        }
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        match self {
+            PackedWeights::TwoBit(m) => m.rows(),
+            PackedWeights::Base3(m) => m.rows(),
+        }
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        match self {
+            PackedWeights::TwoBit(m) => m.cols(),
+            PackedWeights::Base3(m) => m.cols(),
+        }
+    }
+
+    /// The packed bytes (what a product streams).
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            PackedWeights::TwoBit(m) => m.bytes(),
+            PackedWeights::Base3(m) => m.bytes(),
+        }
+    }
+
+    /// Bytes per row, padding included.
+    pub fn row_bytes(&self) -> usize {
+        match self {
+            PackedWeights::TwoBit(m) => m.row_bytes(),
+            PackedWeights::Base3(m) => m.row_bytes(),
+        }
+    }
+
+    /// Length of the padded activation row the layout's kernels take.
+    pub fn padded_cols(&self) -> usize {
+        match self {
+            PackedWeights::TwoBit(m) => TernaryMatrix::padded_cols(m.cols()),
+            PackedWeights::Base3(m) => Base3Matrix::padded_cols(m.cols()),
+        }
+    }
+
+    /// The codes of row `r` into `out` (`cols` of them).
+    pub fn row_codes(&self, r: usize, out: &mut [i8]) {
+        match self {
+            PackedWeights::TwoBit(m) => m.row_codes(r, out),
+            PackedWeights::Base3(m) => m.row_codes(r, out),
+        }
+    }
+
+    /// All codes, row-major `[rows, cols]` (for checks and export, not for the hot path).
+    pub fn to_codes(&self) -> Vec<i8> {
+        match self {
+            PackedWeights::TwoBit(m) => m.to_codes(),
+            PackedWeights::Base3(m) => m.to_codes(),
+        }
+    }
+
+    /// The same weights in `layout` (a copy; repacked if the layout differs).
+    pub fn to_layout(&self, layout: WeightLayout) -> PackedWeights {
+        match (self, layout) {
+            (PackedWeights::TwoBit(m), WeightLayout::Base3) => Base3Matrix::from_ternary(m).into(),
+            (PackedWeights::Base3(m), WeightLayout::TwoBit) => m.to_ternary().into(),
+            _ => self.clone(),
+        }
+    }
+
+    /// The matrix-vector and matrix-matrix kernels of this layout in `kernels`.
+    fn products(&self, kernels: &Kernels) -> (GemvFn, GemmFn) {
+        match self {
+            PackedWeights::TwoBit(_) => (kernels.gemv, kernels.gemm),
+            PackedWeights::Base3(_) => (kernels.gemv_base3, kernels.gemm_base3),
+        }
+    }
+}
 
 /// How a layer's stored weight scale turns integer sums into outputs.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -50,7 +187,7 @@ pub struct BlockScales {
 /// (rare: files whose blocks were quantized separately) one scale per block of weights.
 #[derive(Debug, Clone)]
 pub struct BitLinear {
-    weight: TernaryMatrix,
+    weight: PackedWeights,
     scale: WeightScale,
     block_scales: Option<BlockScales>,
 }
@@ -62,10 +199,10 @@ pub const ROWS_PER_TASK: usize = 64;
 const _: () = assert!(ROWS_PER_TASK.is_multiple_of(ROW_GROUP));
 
 impl BitLinear {
-    /// A layer from its weights and scale.
-    pub fn new(weight: TernaryMatrix, scale: WeightScale) -> Self {
+    /// A layer from its weights (in either layout) and scale.
+    pub fn new(weight: impl Into<PackedWeights>, scale: WeightScale) -> Self {
         BitLinear {
-            weight,
+            weight: weight.into(),
             scale,
             block_scales: None,
         }
@@ -93,7 +230,7 @@ impl BitLinear {
             )));
         }
         Ok(BitLinear {
-            weight,
+            weight: weight.into(),
             scale: WeightScale::Direct(1.0),
             block_scales: Some(scales),
         })
@@ -105,8 +242,24 @@ impl BitLinear {
     }
 
     /// The ternary weights.
-    pub fn weight(&self) -> &TernaryMatrix {
+    pub fn weight(&self) -> &PackedWeights {
         &self.weight
+    }
+
+    /// The same layer with its weights in `layout`. Layers with per-block scales stay in the
+    /// 2-bit layout, whose blocks their scale blocks are made of (an error for
+    /// [`WeightLayout::Base3`]).
+    pub fn with_layout(&self, layout: WeightLayout) -> Result<BitLinear> {
+        if self.block_scales.is_some() && layout != WeightLayout::TwoBit {
+            return Err(Error::InvalidInput(format!(
+                "the {} layout does not take per-block weight scales; this layer has them",
+                layout.name()
+            )));
+        }
+        Ok(BitLinear {
+            weight: self.weight.to_layout(layout),
+            ..self.clone()
+        })
     }
 
     /// The weight scale.
@@ -124,9 +277,9 @@ impl BitLinear {
         self.weight.rows()
     }
 
-    /// Length of one quantized input row ([`TernaryMatrix::padded_cols`]).
+    /// Length of one quantized input row ([`PackedWeights::padded_cols`]).
     pub fn padded_in(&self) -> usize {
-        TernaryMatrix::padded_cols(self.weight.cols())
+        self.weight.padded_cols()
     }
 
     /// Integer products of `tokens` quantized rows `xq` (each [`Self::padded_in`] long),
@@ -137,6 +290,7 @@ impl BitLinear {
     /// (token, row) pair into this layout; for one token it is plain `acc[r]`.
     pub fn forward_i32(&self, kernels: &Kernels, xq: &[i8], tokens: usize, acc: &mut [i32]) {
         let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
+        let (gemv, gemm) = self.weight.products(kernels);
         debug_assert_eq!(xq.len(), tokens * self.padded_in());
         debug_assert_eq!(acc.len(), tokens * self.out_features());
         if tokens == 0 {
@@ -150,9 +304,9 @@ impl BitLinear {
                 // Whole row groups: `r0` is a multiple of ROW_GROUP, the end is rounded up.
                 let rows = &w[r0 * rb..TernaryMatrix::padded_rows(r0 + n) * rb];
                 if tokens == 1 {
-                    (kernels.gemv)(rows, rb, xq, out);
+                    gemv(rows, rb, xq, out);
                 } else {
-                    (kernels.gemm)(rows, rb, xq, tokens, out);
+                    gemm(rows, rb, xq, tokens, out);
                 }
             });
     }
@@ -206,6 +360,8 @@ impl BitLinear {
         s_x: &[f32],
         y: &mut [f32],
     ) {
+        // `with_layout` keeps block-scaled layers in the 2-bit layout.
+        debug_assert_eq!(self.weight.layout(), WeightLayout::TwoBit);
         let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
         let (rows, k) = (self.out_features(), self.padded_in());
         let per_row = self.in_features() / bs.block;

@@ -35,6 +35,11 @@ use std::sync::OnceLock;
 /// [`crate::ternary`]) and `x` is one padded activation row of `row_bytes * 4` int8 values.
 pub type GemvFn = fn(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]);
 
+///
+/// The dense set's `gemv_base3` has the same contract for the dense layout
+/// ([`crate::base3`]: 32-byte blocks of 160 weights), with activation rows of
+/// `row_bytes * 5`.
+///
 /// The same for `tokens` activation rows laid end to end in `x`:
 /// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` with `rows = out.len() / tokens`, which must
 /// not exceed the rows `w` holds.
@@ -42,10 +47,17 @@ pub type GemmFn = fn(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &
 
 /// Rows of `w` that a SIMD kernel call may read, after the checks that make its unchecked
 /// loads sound: `row_bytes` a positive multiple of a block, `w` whole row groups and `x` long
-/// enough for `tokens` rows. Panics otherwise (a caller bug, not bad input: `BitLinear` builds
-/// these arguments).
+/// enough for `tokens` rows of `row_bytes * per_byte` activations (`per_byte`: 4 in the 2-bit
+/// layout, 5 in the dense one; both have 32-byte blocks). Panics otherwise (a caller bug, not
+/// bad input: `BitLinear` builds these arguments).
 #[allow(dead_code)] // used only by the SIMD modules compiled for this target
-pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usize) -> usize {
+pub(crate) fn checked_rows(
+    w: &[u8],
+    row_bytes: usize,
+    x_len: usize,
+    tokens: usize,
+    per_byte: usize,
+) -> usize {
     use crate::ternary::{BLOCK_BYTES, ROW_GROUP};
     assert!(
         row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES),
@@ -57,9 +69,9 @@ pub(crate) fn checked_rows(w: &[u8], row_bytes: usize, x_len: usize, tokens: usi
         w.len()
     );
     assert!(
-        x_len >= tokens * row_bytes * 4,
+        x_len >= tokens * row_bytes * per_byte,
         "{x_len} activations cannot hold {tokens} rows of {}",
-        row_bytes * 4
+        row_bytes * per_byte
     );
     w.len() / row_bytes
 }
@@ -74,8 +86,9 @@ pub(crate) fn checked_gemm_rows(
     x_len: usize,
     tokens: usize,
     out_len: usize,
+    per_byte: usize,
 ) -> usize {
-    let held = checked_rows(w, row_bytes, x_len, tokens);
+    let held = checked_rows(w, row_bytes, x_len, tokens, per_byte);
     let rows = out_len / tokens;
     assert!(
         rows <= held,
@@ -199,6 +212,10 @@ pub struct Kernels {
     pub gemv: GemvFn,
     /// Matrix-matrix product (prefill, batches).
     pub gemm: GemmFn,
+    /// Matrix-vector product in the dense layout ([`crate::base3`]).
+    pub gemv_base3: GemvFn,
+    /// Matrix-matrix product in the dense layout.
+    pub gemm_base3: GemmFn,
     /// Dot product of an f16 row with f32 values (the output head).
     pub dot_f16: DotF16Fn,
     /// Attention scores against an f32 KV cache's keys.
@@ -229,6 +246,8 @@ impl Kernels {
         name: "scalar",
         gemv: scalar::gemv,
         gemm: scalar::gemm,
+        gemv_base3: scalar::gemv_base3,
+        gemm_base3: scalar::gemm_base3,
         dot_f16: scalar::dot_f16,
         score_rows_f32: scalar::score_rows::<f32>,
         score_rows_f16: scalar::score_rows::<half::f16>,
@@ -246,6 +265,8 @@ impl Kernels {
         name: "avx2",
         gemv: x86::avx2::gemv,
         gemm: x86::avx2::gemm,
+        gemv_base3: x86::base3::gemv,
+        gemm_base3: x86::base3::gemm,
         dot_f16: x86::avx2::dot_f16,
         score_rows_f32: x86::attention::score_rows::<f32>,
         score_rows_f16: x86::attention::score_rows::<half::f16>,
@@ -292,6 +313,8 @@ impl Kernels {
         name: "neon",
         gemv: aarch64::neon::gemv,
         gemm: aarch64::neon::gemm,
+        gemv_base3: aarch64::base3::gemv,
+        gemm_base3: aarch64::base3::gemm,
         dot_f16: aarch64::neon::dot_f16,
         score_rows_f32: aarch64::attention::score_rows::<f32>,
         score_rows_f16: aarch64::attention::score_rows::<half::f16>,
@@ -309,6 +332,8 @@ impl Kernels {
         name: "neon-dotprod",
         gemv: aarch64::neon::gemv_dotprod,
         gemm: aarch64::neon::gemm_dotprod,
+        gemv_base3: aarch64::base3::gemv_dotprod,
+        gemm_base3: aarch64::base3::gemm_dotprod,
         dot_f16: aarch64::neon::dot_f16,
         score_rows_f32: aarch64::attention::score_rows::<f32>,
         score_rows_f16: aarch64::attention::score_rows::<half::f16>,
@@ -674,7 +699,7 @@ mod tests {
     }
 
     use super::*;
-    use crate::{TernaryMatrix, ROW_GROUP};
+    use crate::{Base3Matrix, TernaryMatrix, ROW_GROUP};
     use proptest::prelude::*;
 
     /// xorshift64*: a tiny seeded generator, enough for test data.
@@ -733,6 +758,10 @@ mod tests {
         m: TernaryMatrix,
         /// `tokens` padded activation rows, end to end.
         x: Vec<i8>,
+        /// The same codes in the dense layout.
+        m3: Base3Matrix,
+        /// The same activations padded for the dense layout (its own padding drawn anew).
+        x3: Vec<i8>,
     }
 
     impl Case {
@@ -746,16 +775,20 @@ mod tests {
                 })
                 .collect();
             let m = TernaryMatrix::from_codes(&codes, rows, cols).unwrap();
-            let k = TernaryMatrix::padded_cols(cols);
+            let m3 = Base3Matrix::from_codes(&codes, rows, cols).unwrap();
+            let (k, k3) = (
+                TernaryMatrix::padded_cols(cols),
+                Base3Matrix::padded_cols(cols),
+            );
             let mut x = vec![0i8; tokens * k];
-            for row in x.chunks_exact_mut(k) {
+            let mut x3 = vec![0i8; tokens * k3];
+            for (row, row3) in x.chunks_exact_mut(k).zip(x3.chunks_exact_mut(k3)) {
                 for (i, v) in row.iter_mut().enumerate() {
-                    *v = match fill {
-                        _ if i >= cols && !matches!(fill, Fill::DirtyPadding) => 0,
-                        Fill::Random | Fill::DirtyPadding => rng.i8(),
-                        Fill::Extremes => [-128, 127][(rng.next() >> 63) as usize],
-                        Fill::PlusOnesMin | Fill::MinusOnesMin => -128,
-                    };
+                    *v = Self::activation(&mut rng, fill, i >= cols);
+                }
+                row3[..cols].copy_from_slice(&row[..cols]);
+                for v in &mut row3[cols..] {
+                    *v = Self::activation(&mut rng, fill, true);
                 }
             }
             Case {
@@ -765,6 +798,18 @@ mod tests {
                 codes,
                 m,
                 x,
+                m3,
+                x3,
+            }
+        }
+
+        /// One activation of `fill`, in the padding or not.
+        fn activation(rng: &mut Rng, fill: Fill, padding: bool) -> i8 {
+            match fill {
+                _ if padding && !matches!(fill, Fill::DirtyPadding) => 0,
+                Fill::Random | Fill::DirtyPadding => rng.i8(),
+                Fill::Extremes => [-128, 127][(rng.next() >> 63) as usize],
+                Fill::PlusOnesMin | Fill::MinusOnesMin => -128,
             }
         }
 
@@ -783,49 +828,85 @@ mod tests {
             out
         }
 
-        /// Checks every available set against the definition, with `gemm` on all tokens,
-        /// `gemv` on each token, and `gemv` on row chunks as `BitLinear` calls it.
+        /// Checks every available set against the definition, in both layouts, with `gemm`
+        /// on all tokens, `gemv` on each token, and both on row chunks as `BitLinear` calls
+        /// them.
         fn check(&self) {
             let want = self.expected();
-            let (w, rb) = (self.m.bytes(), self.m.row_bytes());
-            let k = rb * 4;
             let what = format!("[{}, {}] x {} tokens", self.rows, self.cols, self.tokens);
             for ks in Kernels::available() {
-                // Sentinels catch outputs that are never written.
-                let mut out = vec![0x5A5A_5A5A; self.tokens * self.rows];
-                (ks.gemm)(w, rb, &self.x, self.tokens, &mut out);
-                assert_eq!(out, want, "{} gemm {what}", ks.name);
-                for t in 0..self.tokens {
-                    let want_t = &want[t * self.rows..(t + 1) * self.rows];
-                    let x_t = &self.x[t * k..(t + 1) * k];
-                    let mut out = vec![0x5A5A_5A5A; self.rows];
-                    (ks.gemv)(w, rb, x_t, &mut out);
-                    assert_eq!(out, want_t, "{} gemv token {t} {what}", ks.name);
-                    // Chunks of whole row groups, as BitLinear's tasks call the kernels.
-                    for chunk in [ROW_GROUP, 2 * ROW_GROUP] {
-                        let mut out = vec![0x5A5A_5A5A; self.rows];
-                        for (i, o) in out.chunks_mut(chunk).enumerate() {
-                            let r0 = i * chunk;
-                            let end = TernaryMatrix::padded_rows(r0 + o.len());
-                            (ks.gemv)(&w[r0 * rb..end * rb], rb, x_t, o);
-                        }
-                        assert_eq!(out, want_t, "{} chunked gemv token {t} {what}", ks.name);
-                    }
+                let layouts = [
+                    (
+                        "2-bit",
+                        self.m.bytes(),
+                        self.m.row_bytes(),
+                        4,
+                        ks.gemv,
+                        ks.gemm,
+                        &self.x,
+                    ),
+                    (
+                        "base-3",
+                        self.m3.bytes(),
+                        self.m3.row_bytes(),
+                        5,
+                        ks.gemv_base3,
+                        ks.gemm_base3,
+                        &self.x3,
+                    ),
+                ];
+                for (layout, w, rb, per_byte, gemv, gemm, x) in layouts {
+                    let what = format!("{} {layout} {what}", ks.name);
+                    self.check_layout(&want, w, rb, rb * per_byte, gemv, gemm, x, &what);
                 }
-                let chunk = 2 * ROW_GROUP;
-                for r0 in (0..self.rows).step_by(chunk) {
-                    let n = chunk.min(self.rows - r0);
-                    let end = TernaryMatrix::padded_rows(r0 + n);
-                    let mut out = vec![0x5A5A_5A5A; self.tokens * n];
-                    (ks.gemm)(&w[r0 * rb..end * rb], rb, &self.x, self.tokens, &mut out);
-                    for t in 0..self.tokens {
-                        assert_eq!(
-                            &out[t * n..(t + 1) * n],
-                            &want[t * self.rows + r0..t * self.rows + r0 + n],
-                            "{} chunked gemm rows {r0}.. token {t} {what}",
-                            ks.name
-                        );
+            }
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn check_layout(
+            &self,
+            want: &[i32],
+            w: &[u8],
+            rb: usize,
+            k: usize,
+            gemv: GemvFn,
+            gemm: GemmFn,
+            x: &[i8],
+            what: &str,
+        ) {
+            // Sentinels catch outputs that are never written.
+            let mut out = vec![0x5A5A_5A5A; self.tokens * self.rows];
+            gemm(w, rb, x, self.tokens, &mut out);
+            assert_eq!(out, want, "gemm {what}");
+            for t in 0..self.tokens {
+                let want_t = &want[t * self.rows..(t + 1) * self.rows];
+                let x_t = &x[t * k..(t + 1) * k];
+                let mut out = vec![0x5A5A_5A5A; self.rows];
+                gemv(w, rb, x_t, &mut out);
+                assert_eq!(out, want_t, "gemv token {t} {what}");
+                // Chunks of whole row groups, as BitLinear's tasks call the kernels.
+                for chunk in [ROW_GROUP, 2 * ROW_GROUP] {
+                    let mut out = vec![0x5A5A_5A5A; self.rows];
+                    for (i, o) in out.chunks_mut(chunk).enumerate() {
+                        let r0 = i * chunk;
+                        let end = TernaryMatrix::padded_rows(r0 + o.len());
+                        gemv(&w[r0 * rb..end * rb], rb, x_t, o);
                     }
+                    assert_eq!(out, want_t, "chunked gemv token {t} {what}");
+                }
+            }
+            let chunk = 2 * ROW_GROUP;
+            for r0 in (0..self.rows).step_by(chunk) {
+                let n = chunk.min(self.rows - r0);
+                let end = TernaryMatrix::padded_rows(r0 + n);
+                let mut out = vec![0x5A5A_5A5A; self.tokens * n];
+                gemm(&w[r0 * rb..end * rb], rb, x, self.tokens, &mut out);
+                for t in 0..self.tokens {
+                    assert_eq!(
+                        &out[t * n..(t + 1) * n],
+                        &want[t * self.rows + r0..t * self.rows + r0 + n],
+                        "chunked gemm rows {r0}.. token {t} {what}"
+                    );
                 }
             }
         }

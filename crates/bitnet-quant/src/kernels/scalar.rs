@@ -3,6 +3,7 @@
 use super::{
     combine_lanes, combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS, SCORE_SUMS, SOFTMAX_SUMS,
 };
+use crate::base3::{decode_digits, BASE3_BLOCK_BYTES, BASE3_BLOCK_ELEMS, BASE3_DIGITS};
 use crate::q6_k::{self, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
@@ -42,6 +43,48 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     let k = row_bytes * 4;
     for t in 0..tokens {
         gemv(
+            w,
+            row_bytes,
+            &x[t * k..(t + 1) * k],
+            &mut out[t * rows..(t + 1) * rows],
+        );
+    }
+}
+
+/// Exact dot product of row `r` of the dense-layout matrix `w` ([`crate::base3`],
+/// `row_bytes` per row) with one padded int8 activation row.
+#[inline]
+pub fn dot_row_base3(w: &[u8], row_bytes: usize, r: usize, x: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for (b, xb) in x.chunks_exact(BASE3_BLOCK_ELEMS).enumerate() {
+        let at = block_offset(row_bytes, r, b);
+        for (j, &byte) in w[at..at + BASE3_BLOCK_BYTES].iter().enumerate() {
+            for (i, d) in decode_digits(byte).into_iter().enumerate() {
+                acc += (d as i32 - 1) * xb[i * BASE3_BLOCK_BYTES + j] as i32;
+            }
+        }
+    }
+    acc
+}
+
+/// Reference matrix-vector product in the dense layout; see [`super::GemvFn`].
+pub fn gemv_base3(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
+    debug_assert_eq!(x.len(), row_bytes * BASE3_DIGITS);
+    let rows = (w.len() / row_bytes).min(out.len());
+    for (r, o) in out[..rows].iter_mut().enumerate() {
+        *o = dot_row_base3(w, row_bytes, r, x);
+    }
+}
+
+/// Reference matrix-matrix product in the dense layout; see [`super::GemmFn`].
+pub fn gemm_base3(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]) {
+    if tokens == 0 {
+        return;
+    }
+    let rows = out.len() / tokens;
+    let k = row_bytes * BASE3_DIGITS;
+    for t in 0..tokens {
+        gemv_base3(
             w,
             row_bytes,
             &x[t * k..(t + 1) * k],

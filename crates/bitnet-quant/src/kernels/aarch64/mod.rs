@@ -3,4 +3,5 @@
 //! run instead of executing unsupported instructions.
 
 pub mod attention;
+pub mod base3;
 pub mod neon;

@@ -74,12 +74,12 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
         return scalar::gemv(w, row_bytes, x, out);
     }
     debug_assert_eq!(x.len(), row_bytes * 4);
-    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    let rows = checked_rows(w, row_bytes, x.len(), 1, 4).min(out.len());
     // SAFETY: NEON was detected just above and `DOT` is false. `checked_rows` asserted that
     // `row_bytes` is a positive multiple of 32 and that `x` holds `row_bytes * 4` activations;
     // `rows` rows of `row_bytes` fit in `w` and `rows` outputs fit in `out`, which is all
     // `products` reads and writes.
-    unsafe { products::<false>(w, row_bytes, rows, x, 1, out) }
+    unsafe { products::<TwoBit, false>(w, row_bytes, rows, x, 1, out) }
 }
 
 /// NEON matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
@@ -91,12 +91,12 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     // SAFETY: NEON was detected just above and `DOT` is false; `checked_rows` and the assert
     // above guarantee that `w` is whole row groups holding `rows` rows of `row_bytes` (a
     // positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4` activations and
     // `out` holds `tokens * rows` outputs.
-    unsafe { products::<false>(w, row_bytes, rows, x, tokens, out) }
+    unsafe { products::<TwoBit, false>(w, row_bytes, rows, x, tokens, out) }
 }
 
 /// NEON + dotprod matrix-vector product; see [`crate::kernels::GemvFn`]. Exactly equal to
@@ -106,12 +106,12 @@ pub fn gemv_dotprod(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
         return gemv(w, row_bytes, x, out);
     }
     debug_assert_eq!(x.len(), row_bytes * 4);
-    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    let rows = checked_rows(w, row_bytes, x.len(), 1, 4).min(out.len());
     // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true. `checked_rows`
     // asserted that `row_bytes` is a positive multiple of 32 and that `x` holds
     // `row_bytes * 4` activations; `rows` rows of `row_bytes` fit in `w` and `rows` outputs fit
     // in `out`, which is all `products` reads and writes.
-    unsafe { products::<true>(w, row_bytes, rows, x, 1, out) }
+    unsafe { products::<TwoBit, true>(w, row_bytes, rows, x, 1, out) }
 }
 
 /// NEON + dotprod matrix-matrix product; see [`crate::kernels::GemmFn`]. Exactly equal to
@@ -123,12 +123,12 @@ pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &m
     if tokens == 0 {
         return;
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     // SAFETY: NEON and dotprod were detected just above, so `DOT` may be true; `checked_rows`
     // and the assert above guarantee that `w` is whole row groups holding `rows` rows of
     // `row_bytes` (a positive multiple of 32), `x` holds `tokens` rows of `row_bytes * 4`
     // activations and `out` holds `tokens * rows` outputs.
-    unsafe { products::<true>(w, row_bytes, rows, x, tokens, out) }
+    unsafe { products::<TwoBit, true>(w, row_bytes, rows, x, tokens, out) }
 }
 
 /// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`, with `sdot` if
@@ -138,9 +138,10 @@ pub fn gemm_dotprod(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &m
 ///
 /// NEON must be available, and dotprod too if `DOT`. `row_bytes` must be a positive multiple
 /// of [`BLOCK_BYTES`], `w` must hold whole row groups of at least `rows` rows, `x` at least
-/// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
+/// `tokens * row_bytes / 32 * L::ELEMS` activations, and `out` at least `tokens * rows`
+/// values.
 #[target_feature(enable = "neon")]
-unsafe fn products<const DOT: bool>(
+pub(super) unsafe fn products<L: Layout, const DOT: bool>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -150,20 +151,62 @@ unsafe fn products<const DOT: bool>(
 ) {
     debug_assert!(row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES));
     debug_assert!(w.len() >= rows * row_bytes);
-    debug_assert!(x.len() >= tokens * row_bytes * 4);
+    debug_assert!(x.len() >= tokens * row_bytes / BLOCK_BYTES * L::ELEMS);
     debug_assert!(out.len() >= tokens * rows);
     // Each group of tokens streams all the weights once (see the module docs).
     let mut t0 = 0;
     while t0 + 4 <= tokens {
         // SAFETY (for these calls): the caller's guarantees, with `t0 + T <= tokens`.
-        group::<DOT, 1, 4>(w, row_bytes, rows, x, t0, out);
+        group::<L, DOT, 1, 4>(w, row_bytes, rows, x, t0, out);
         t0 += 4;
     }
     match tokens - t0 {
         0 => {}
-        1 => group::<DOT, GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
-        2 => group::<DOT, 2, 2>(w, row_bytes, rows, x, t0, out),
-        _ => group::<DOT, 1, 3>(w, row_bytes, rows, x, t0, out),
+        1 => group::<L, DOT, GEMV_ROWS, 1>(w, row_bytes, rows, x, t0, out),
+        2 => group::<L, DOT, 2, 2>(w, row_bytes, rows, x, t0, out),
+        _ => group::<L, DOT, 1, 3>(w, row_bytes, rows, x, t0, out),
+    }
+}
+
+/// A runtime layout's inner loop for [`products`]: the 2-bit layout's ([`TwoBit`]) or the
+/// dense one's (`base3::Digits`).
+pub(super) trait Layout {
+    /// Activations per 32-byte block of weights.
+    const ELEMS: usize;
+
+    /// `sum_k c[r, k] * x[t, k]` (codes or digits, not weights) for `R` consecutive rows of
+    /// one row group, the first starting at `w`, and `T` activation rows `x_stride` apart,
+    /// over `blocks` blocks; with `sdot` if `DOT`.
+    ///
+    /// # Safety
+    ///
+    /// NEON must be available, and dotprod too if `DOT`; for every `r < R` and `b < blocks`
+    /// the 32 bytes from `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the
+    /// `blocks * ELEMS` bytes from `x + t * x_stride`, must be readable.
+    unsafe fn tile<const DOT: bool, const R: usize, const T: usize>(
+        w: *const u8,
+        x: *const i8,
+        x_stride: usize,
+        blocks: usize,
+    ) -> [[i32; T]; R];
+}
+
+/// The 2-bit layout ([`crate::ternary`]).
+struct TwoBit;
+
+impl Layout for TwoBit {
+    const ELEMS: usize = BLOCK_ELEMS;
+
+    #[target_feature(enable = "neon")]
+    #[inline]
+    unsafe fn tile<const DOT: bool, const R: usize, const T: usize>(
+        w: *const u8,
+        x: *const i8,
+        x_stride: usize,
+        blocks: usize,
+    ) -> [[i32; T]; R] {
+        // SAFETY: the trait's contract; a row group's rows start one block apart.
+        tile::<DOT, R, T>(w, BLOCK_BYTES, x, x_stride, blocks)
     }
 }
 
@@ -176,7 +219,7 @@ unsafe fn products<const DOT: bool>(
 /// As [`products`], with `t0 + T <= tokens`.
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
+unsafe fn group<L: Layout, const DOT: bool, const R: usize, const T: usize>(
     w: &[u8],
     row_bytes: usize,
     rows: usize,
@@ -185,46 +228,31 @@ unsafe fn group<const DOT: bool, const R: usize, const T: usize>(
     out: &mut [i32],
 ) {
     let blocks = row_bytes / BLOCK_BYTES;
-    let k = blocks * BLOCK_ELEMS;
+    let k = blocks * L::ELEMS;
     // In bounds: `x` holds at least `(t0 + T) * k` activations.
     let xs = &x[t0 * k..(t0 + T) * k];
-    let mut sums = [0i32; T];
-    for (t, s) in sums.iter_mut().enumerate() {
-        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations.
-        *s = sum_x(xs[t * k..].as_ptr(), blocks);
-    }
+    let sums: [i32; T] = std::array::from_fn(|t| sum_x(&xs[t * k..(t + 1) * k]));
     const { assert!(ROW_GROUP.is_multiple_of(R)) };
-    let mut r = 0;
-    while r + R <= rows {
-        // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,
-        // the `T` activation rows of `xs` are `k` apart and `k` long, and dotprod is available
-        // if `DOT`.
-        let d = tile::<DOT, R, T>(
-            w[block_offset(row_bytes, r, 0)..].as_ptr(),
-            BLOCK_BYTES,
-            xs.as_ptr(),
-            k,
-            blocks,
-        );
+    let mut store = |r: usize, d: &[[i32; T]]| {
         for (i, di) in d.iter().enumerate() {
             for (t, &v) in di.iter().enumerate() {
                 out[(t0 + t) * rows + r + i] = v.wrapping_sub(sums[t]);
             }
         }
+    };
+    let mut r = 0;
+    while r + R <= rows {
+        // SAFETY: rows `r..r + R` (`r` a multiple of `R`, so inside one row group) lie in `w`,
+        // the `T` activation rows of `xs` are `k` apart and `k` long, and dotprod is available
+        // if `DOT`.
+        let p = w[block_offset(row_bytes, r, 0)..].as_ptr();
+        store(r, &L::tile::<DOT, R, T>(p, xs.as_ptr(), k, blocks));
         r += R;
     }
     while r < rows {
         // SAFETY: as above, for the single row `r < rows`.
-        let d = tile::<DOT, 1, T>(
-            w[block_offset(row_bytes, r, 0)..].as_ptr(),
-            BLOCK_BYTES,
-            xs.as_ptr(),
-            k,
-            blocks,
-        );
-        for (t, &v) in d[0].iter().enumerate() {
-            out[(t0 + t) * rows + r] = v.wrapping_sub(sums[t]);
-        }
+        let p = w[block_offset(row_bytes, r, 0)..].as_ptr();
+        store(r, &L::tile::<DOT, 1, T>(p, xs.as_ptr(), k, blocks));
         r += 1;
     }
 }
@@ -467,24 +495,16 @@ unsafe fn codes(p: *const u8) -> [int8x16_t; 8] {
     out
 }
 
-/// `sum_k x[k]` over `blocks * 128` activations (wrapping, like the kernels' lanes).
-///
-/// # Safety
-///
-/// NEON must be available and the `blocks * 128` bytes from `x` readable.
+/// `sum_k x[k]` over a padded activation row (a whole number of 16-byte vectors; wrapping,
+/// like the kernels' lanes).
 #[target_feature(enable = "neon")]
 #[inline]
-unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
+fn sum_x(x: &[i8]) -> i32 {
     let mut acc = vdupq_n_s32(0);
-    for b in 0..blocks {
-        // SAFETY: block `b < blocks`: readable by the contract.
-        let xb = x.add(b * BLOCK_ELEMS);
-        // Each i16 lane adds 16 activations: within [-2048, 2032].
-        let mut s = vpaddlq_s8(vld1q_s8(xb));
-        for i in 1..8 {
-            s = vpadalq_s8(s, vld1q_s8(xb.add(16 * i)));
-        }
-        acc = vpadalq_s16(acc, s);
+    for v in x.chunks_exact(16) {
+        // SAFETY: `v` is 16 readable bytes.
+        let xv = unsafe { vld1q_s8(v.as_ptr()) };
+        acc = vpadalq_s16(acc, vpaddlq_s8(xv));
     }
     vaddvq_s32(acc)
 }
@@ -497,7 +517,7 @@ unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
 /// dotprod must be available.
 #[target_feature(enable = "neon,dotprod")]
 #[inline]
-unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+pub(super) unsafe fn sdot(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
     // SAFETY: `sdot` only reads and writes these vector registers; dotprod is available by the
     // contract.
     asm!(

@@ -100,7 +100,7 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if !detected() || tiled == 0 {
         return avx512::gemm(w, row_bytes, x, tokens, out);
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     let held = w.len() / row_bytes;
     let k = row_bytes * 4;
     B_TILES.with_borrow_mut(|tiles| {

@@ -64,7 +64,7 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
         return scalar::gemv(w, row_bytes, x, out);
     }
     debug_assert_eq!(x.len(), row_bytes * 4);
-    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    let rows = checked_rows(w, row_bytes, x.len(), 1, 4).min(out.len());
     // SAFETY: AVX2 was detected just above. `checked_rows` asserted that `row_bytes` is a
     // positive multiple of 32, that `w` is whole row groups and that `x` holds `row_bytes * 4`
     // activations; `rows` rows fit in `w` and `rows` outputs fit in `out`, which is all
@@ -81,7 +81,7 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     // SAFETY: AVX2 was detected just above; `checked_rows` and the assert above guarantee
     // that `w` is whole row groups holding `rows` rows of `row_bytes` (a positive multiple of
     // 32), `x` holds `tokens` rows of `row_bytes * 4` activations and `out` holds
@@ -93,15 +93,19 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
 /// group and `T` activation rows. AVX2 has one ([`Maddubs`]); the AVX-VNNI set has another,
 /// and shares the rest of this module's products.
 pub(super) trait Tile {
+    /// Activations per 32-byte block of weights: 128 in the 2-bit layout, 160 in the dense
+    /// one ([`crate::base3`]), whose kernels share this module's driver.
+    const ELEMS: usize = BLOCK_ELEMS;
+
     /// `sum_k c[r, k] * x[t, k]` (codes, not weights) for `R` consecutive rows of one row
     /// group, the first of which starts at `w`, and `T` activation rows from `x`, `x_stride`
-    /// apart, over `blocks` blocks.
+    /// apart, over `blocks` blocks (codes are digits in the dense layout).
     ///
     /// # Safety
     ///
     /// The implementor's features must be available; for every `r < R` and `b < blocks` the
-    /// 32 bytes from `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the `blocks * 128`
-    /// bytes from `x + t * x_stride`, must be readable.
+    /// 32 bytes from `w + b * BLOCK_STEP + r * 32`, and for every `t < T` the
+    /// `blocks * ELEMS` bytes from `x + t * x_stride`, must be readable.
     unsafe fn tile<const R: usize, const T: usize>(
         w: *const u8,
         x: *const i8,
@@ -197,9 +201,10 @@ impl Tile for Maddubs {
 ///
 /// # Safety
 ///
-/// AVX2 and the features of `K` must be available. `row_bytes` must be a positive multiple of [`BLOCK_BYTES`], `w` must
-/// hold whole row groups of at least `rows` rows of `row_bytes` bytes, `x` at least
-/// `tokens * row_bytes * 4` activations, and `out` at least `tokens * rows` values.
+/// AVX2 and the features of `K` must be available. `row_bytes` must be a positive multiple of
+/// [`BLOCK_BYTES`], `w` must hold whole row groups of at least `rows` rows of `row_bytes`
+/// bytes, `x` at least `tokens * row_bytes / 32 * K::ELEMS` activations, and `out` at least
+/// `tokens * rows` values.
 #[target_feature(enable = "avx2")]
 pub(super) unsafe fn products<K: Tile>(
     w: &[u8],
@@ -211,7 +216,7 @@ pub(super) unsafe fn products<K: Tile>(
 ) {
     debug_assert!(row_bytes > 0 && row_bytes.is_multiple_of(BLOCK_BYTES));
     debug_assert!(w.len() >= rows * row_bytes);
-    debug_assert!(x.len() >= tokens * row_bytes * 4);
+    debug_assert!(x.len() >= tokens * row_bytes / BLOCK_BYTES * K::ELEMS);
     debug_assert!(out.len() >= tokens * rows);
     // Each group of tokens streams all the weights once (see the module docs).
     let mut t0 = 0;
@@ -246,8 +251,8 @@ unsafe fn group<K: Tile, const R: usize, const T: usize>(
     out: &mut [i32],
 ) {
     let blocks = row_bytes / BLOCK_BYTES;
-    let k = blocks * BLOCK_ELEMS;
-    let (xs, sums) = token_rows::<T>(x, t0, blocks);
+    let k = blocks * K::ELEMS;
+    let (xs, sums) = token_rows::<T>(x, t0, k);
     const { assert!(ROW_GROUP.is_multiple_of(R)) };
     let mut r = 0;
     while r + R <= rows {
@@ -281,47 +286,31 @@ unsafe fn group<K: Tile, const R: usize, const T: usize>(
     }
 }
 
-/// The `T` activation rows from token `t0` (rows of `blocks * 128`) and the sum of each.
-/// Panics if `x` holds fewer than `t0 + T` rows.
+/// The `T` activation rows of `k` values from token `t0` and the sum of each. Panics if `x`
+/// holds fewer than `t0 + T` rows.
 #[target_feature(enable = "avx2")]
 #[inline]
-pub(super) fn token_rows<const T: usize>(x: &[i8], t0: usize, blocks: usize) -> (&[i8], [i32; T]) {
-    let k = blocks * BLOCK_ELEMS;
+pub(super) fn token_rows<const T: usize>(x: &[i8], t0: usize, k: usize) -> (&[i8], [i32; T]) {
     let xs = &x[t0 * k..(t0 + T) * k];
-    let mut sums = [0i32; T];
-    for (t, s) in sums.iter_mut().enumerate() {
-        // SAFETY: `xs[t * k..]` holds `k = blocks * 128` activations; AVX2 is enabled.
-        *s = unsafe { sum_x(xs[t * k..].as_ptr(), blocks) };
-    }
+    let sums = std::array::from_fn(|t| sum_x(&xs[t * k..(t + 1) * k]));
     (xs, sums)
 }
 
-/// `sum_k x[k]` over `blocks * 128` activations.
-///
-/// # Safety
-///
-/// AVX2 must be available and the `blocks * 128` bytes from `x` readable.
+/// `sum_k x[k]` over a padded activation row (a whole number of 32-byte vectors).
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn sum_x(x: *const i8, blocks: usize) -> i32 {
+fn sum_x(x: &[i8]) -> i32 {
     let ones8 = _mm256_set1_epi8(1);
     let ones16 = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_si256();
-    for b in 0..blocks {
-        // SAFETY: block `b < blocks`: readable by the contract.
-        let xb = x.add(b * BLOCK_ELEMS) as *const __m256i;
-        // Each lane is x + x in [-256, 254]; four of them stay within i16.
-        let s = _mm256_add_epi16(
-            _mm256_add_epi16(
-                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb)),
-                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(1))),
-            ),
-            _mm256_add_epi16(
-                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(2))),
-                _mm256_maddubs_epi16(ones8, _mm256_loadu_si256(xb.add(3))),
-            ),
+    for v in x.chunks_exact(32) {
+        // SAFETY: `v` is 32 readable bytes.
+        let xv = unsafe { _mm256_loadu_si256(v.as_ptr() as *const __m256i) };
+        // Each i16 lane is x + x in [-256, 254]; widened at once.
+        acc = _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, xv), ones16),
         );
-        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones16));
     }
     hsum(acc)
 }

@@ -54,7 +54,7 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
         return avx2::gemv(w, row_bytes, x, out);
     }
     debug_assert_eq!(x.len(), row_bytes * 4);
-    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    let rows = checked_rows(w, row_bytes, x.len(), 1, 4).min(out.len());
     // SAFETY: the set was detected just above. `checked_rows` asserted that `row_bytes` is a
     // positive multiple of 32, that `w` is whole row groups and that `x` holds `row_bytes * 4`
     // activations; the row groups of the first `rows` rows lie in `w` and `rows` outputs fit
@@ -71,7 +71,7 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     // SAFETY: the set was detected just above; `checked_rows` and the assert guarantee that
     // `w` is whole row groups holding `rows` rows of `row_bytes` (a positive multiple of 32),
     // that `x` holds `tokens` rows of `row_bytes * 4` activations and `out` `tokens * rows`
@@ -128,7 +128,7 @@ unsafe fn group<const T: usize>(
 ) {
     let blocks = row_bytes / BLOCK_BYTES;
     let k = blocks * BLOCK_ELEMS;
-    let (xs, sums) = avx2::token_rows::<T>(x, t0, blocks);
+    let (xs, sums) = avx2::token_rows::<T>(x, t0, k);
     for r in (0..rows).step_by(ROW_GROUP) {
         // In bounds: the group of row `r < rows` is whole in `w`.
         let group = &w[r * row_bytes..(r + ROW_GROUP) * row_bytes];

@@ -26,7 +26,7 @@ pub fn gemv(w: &[u8], row_bytes: usize, x: &[i8], out: &mut [i32]) {
         return avx2::gemv(w, row_bytes, x, out);
     }
     debug_assert_eq!(x.len(), row_bytes * 4);
-    let rows = checked_rows(w, row_bytes, x.len(), 1).min(out.len());
+    let rows = checked_rows(w, row_bytes, x.len(), 1, 4).min(out.len());
     // SAFETY: AVX2 and AVX-VNNI were detected just above. `checked_rows` asserted that
     // `row_bytes` is a positive multiple of 32, that `w` is whole row groups and that `x`
     // holds `row_bytes * 4` activations; `rows` rows fit in `w` and `rows` outputs in `out`.
@@ -42,7 +42,7 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     if tokens == 0 {
         return;
     }
-    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len());
+    let rows = checked_gemm_rows(w, row_bytes, x.len(), tokens, out.len(), 4);
     // SAFETY: AVX2 and AVX-VNNI were detected just above; `checked_rows` and the assert
     // guarantee that `w` is whole row groups holding `rows` rows of `row_bytes` (a positive
     // multiple of 32), `x` `tokens` rows of `row_bytes * 4` activations and `out`

@@ -9,3 +9,4 @@ pub mod attention;
 pub mod avx2;
 pub mod avx512;
 pub mod avxvnni;
+pub mod base3;
