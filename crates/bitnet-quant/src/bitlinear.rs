@@ -466,19 +466,43 @@ mod tests {
                 }
             })
             .collect();
-        for kernels in Kernels::available() {
-            let (q, sx, y) = layer.forward_f32(kernels, &x);
-            assert_eq!(sx, vec![1.0; tokens]);
-            let k = layer.padded_in();
-            for t in 0..tokens {
-                for r in 0..rows {
-                    let want: i32 = (0..cols)
-                        .map(|c| codes[r * cols + c] as i32 * q[t * k + c] as i32)
-                        .sum();
-                    assert_eq!(y[t * rows + r], want as f32, "{} t{t} r{r}", kernels.name);
+        // Both runtime layouts, through the same task chunking.
+        let dense = layer.with_layout(WeightLayout::Base3).unwrap();
+        assert_eq!(dense.weight().layout(), WeightLayout::Base3);
+        assert_eq!(dense.padded_in(), 320);
+        for layer in [&layer, &dense] {
+            for kernels in Kernels::available() {
+                let (q, sx, y) = layer.forward_f32(kernels, &x);
+                assert_eq!(sx, vec![1.0; tokens]);
+                let k = layer.padded_in();
+                for t in 0..tokens {
+                    for r in 0..rows {
+                        let want: i32 = (0..cols)
+                            .map(|c| codes[r * cols + c] as i32 * q[t * k + c] as i32)
+                            .sum();
+                        let what =
+                            format!("{} {:?} t{t} r{r}", kernels.name, layer.weight().layout());
+                        assert_eq!(y[t * rows + r], want as f32, "{what}");
+                    }
                 }
             }
         }
+    }
+
+    #[test]
+    fn layouts_parse_and_block_scaled_layers_stay_two_bit() {
+        assert_eq!(WeightLayout::parse("BASE3").unwrap(), WeightLayout::Base3);
+        assert_eq!(WeightLayout::parse("2bit").unwrap(), WeightLayout::TwoBit);
+        assert!(WeightLayout::parse("base4").is_err());
+        let w = TernaryMatrix::from_codes(&[1i8; 256], 1, 256).unwrap();
+        let bs = BlockScales {
+            block: 128,
+            scales: vec![0.5, 2.0],
+        };
+        let layer = BitLinear::with_block_scales(w, bs).unwrap();
+        let err = layer.with_layout(WeightLayout::Base3).unwrap_err();
+        assert!(err.to_string().contains("per-block"), "{err}");
+        assert!(layer.with_layout(WeightLayout::TwoBit).is_ok());
     }
 
     #[test]
