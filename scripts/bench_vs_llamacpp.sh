@@ -28,6 +28,8 @@
 #   LLAMACPP_FLASH_ATTN=off       llama.cpp flash attention: off (llama-cpp-python's
 #                                 default) or on (llama-bench's "auto" picks on for CPU)
 #   CARGO=cargo
+#   BITNET_ARGS="..."             extra options for our `bitnet bench`, e.g.
+#                                 "--weight-layout base3" or "--kv-type f16"
 #
 # The first run builds llama-cpp-python from its PyPI sdist (pinned in
 # scripts/requirements-llamacpp.txt): this compiles llama.cpp and takes several minutes
@@ -183,8 +185,9 @@ done
 
 # --- benchmarks ---------------------------------------------------------------------
 ours() {
+    # shellcheck disable=SC2086 # BITNET_ARGS is a list of options, split on purpose
     run "$bitnet" bench --model "$1" -p "$prompt" -n "$gen" --reps "$reps" --threads "$2" \
-        --tg-prefix "$tg_prefix" --json
+        --tg-prefix "$tg_prefix" --json ${BITNET_ARGS:-}
 }
 theirs() {
     run "$vpy" scripts/llamacpp_bench.py --model "$1" --threads "$2" -p "$prompt" -n "$gen" \
@@ -235,6 +238,7 @@ for line in open(sys.argv[1]):
         meta["fa"] = r["result"].get("flash_attn")
     else:
         meta["kernels"] = r["result"].get("kernels")
+        meta["weight_layout"] = r["result"].get("weight_layout")
 
 def num(x):
     return "n/a" if x is None else f"{x:.2f}"
@@ -242,7 +246,8 @@ def num(x):
 def ratio(a, b):
     return "n/a" if not a or not b else f"{a / b:.2f}x"
 
-print(f"ours: bitnet bench (kernels: {meta.get('kernels')}); "
+print(f"ours: bitnet bench (kernels: {meta.get('kernels')}, "
+      f"weights: {meta.get('weight_layout')}); "
       f"llama.cpp: {meta.get('llama')} (flash attention {meta.get('fa')}); "
       f"medians of {sys.argv[2]} runs, tokens/s; ratio = ours / llama.cpp")
 print()
