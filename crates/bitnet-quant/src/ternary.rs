@@ -14,6 +14,9 @@
 //! weight streams into one sequential stream, which the hardware prefetchers follow at full
 //! memory bandwidth (four streams 1-2 KB apart measured at less than half of it). A matrix holds
 //! [`TernaryMatrix::padded_rows`] rows, the missing rows of the last group padded with code 1.
+//!
+//! This is the default layout. [`crate::base3`] is a denser one (1.6 bits per weight, the
+//! same blocks and row groups) that costs about twice the decoding work.
 
 use bitnet_core::{AlignedBuffer, Storage};
 use rayon::prelude::*;

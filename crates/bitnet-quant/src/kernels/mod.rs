@@ -12,7 +12,9 @@
 //! tile registers: Sapphire Rapids and later Xeons), `neon` (AArch64) and `neon-dotprod`
 //! (AArch64 CPUs that report the dot-product extension). The x86 sets other than `avx2`
 //! replace only the ternary products; the head's and the attention's kernels are the same in
-//! all x86 sets (AVX2/F16C), as in both AArch64 sets (NEON).
+//! all x86 sets (AVX2/F16C), as in both AArch64 sets (NEON). Every set also has the products
+//! for the dense base-3 layout ([`crate::base3`]: `gemv_base3`, `gemm_base3`); all x86 sets
+//! share AVX2's, and the two AArch64 sets have their own (`smlal` and `sdot`).
 //!
 //! # Overriding the choice
 //!

@@ -11,7 +11,7 @@
 //!
 //! One product `c * x` lies in `[-256, 254]`. In the `neon` tile each of the two i16
 //! accumulators takes two products per lane from each of the five vectors of its half of a
-//! block, 10 per block, so [`FLUSH_BLOCKS`] = 12 blocks stay within `[-30720, 30480]`. The
+//! block, 10 per block, so `FLUSH_BLOCKS` = 12 blocks stay within `[-30720, 30480]`. The
 //! `sdot` lanes are i32 and wrap like the scalar reference's sums.
 
 use std::arch::aarch64::*;

@@ -8,13 +8,13 @@
 //! 16-byte activation vectors (see [`crate::ternary`]).
 //!
 //! - `neon` (every AArch64 CPU): `smlal` / `smlal2` multiply the bytes and add the products into
-//!   i16 lanes, which `sadalp` adds pairwise into i32 lanes every [`FLUSH_BLOCKS`] blocks.
+//!   i16 lanes, which `sadalp` adds pairwise into i32 lanes every `FLUSH_BLOCKS` blocks.
 //! - `neon-dotprod` (the Armv8.2 `dotprod` extension): `sdot` adds four products at a time into
-//!   i32 lanes. Its intrinsic `vdotq_s32` is not stable in Rust yet, so [`sdot`] is one
+//!   i32 lanes. Its intrinsic `vdotq_s32` is not stable in Rust yet, so `sdot` is one
 //!   instruction of inline assembly. The codes in bits 5-4 and 3-2 are not shifted down but only
 //!   masked, so they are `16 * c` and `4 * c` (still at most 32, a valid signed byte); their
 //!   products go to accumulators of their own, which are shifted right by 4 and 2 (exact: every
-//!   lane is a multiple of 16 or 4) into the main one every [`DOT_FLUSH_BLOCKS`] blocks. That is
+//!   lane is a multiple of 16 or 4) into the main one every `DOT_FLUSH_BLOCKS` blocks. That is
 //!   one operation per code vector instead of two.
 //!
 //! # No overflow

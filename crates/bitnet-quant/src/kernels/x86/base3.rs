@@ -13,7 +13,7 @@
 //! # No overflow
 //!
 //! One `vpmaddubsw` lane lies in `[-512, 508]` (as in the 2-bit kernels); a block adds five of
-//! them, so [`FLUSH_BLOCKS`] = 12 blocks stay within `[-30720, 30480]`, inside i16, before
+//! them, so `FLUSH_BLOCKS` = 12 blocks stay within `[-30720, 30480]`, inside i16, before
 //! `vpmaddwd` widens them to i32, whose wrapping sums are exact whenever the scalar reference's
 //! are.
 //!
