@@ -112,6 +112,12 @@ unsafe fn score_tile<E: Lanes8, const R: usize>(
             *a = _mm256_fmadd_ps(qv, kv, *a);
         }
     }
+    if let (Ok(acc), true) = (<&[__m256; SCORE_TILE]>::try_from(&acc[..]), full == n) {
+        // A whole tile and no tail: all eight combinations at once, across registers.
+        // SAFETY: `out` holds R = 8 scores; AVX is enabled here.
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr(), combine8(acc)) };
+        return;
+    }
     for (r, (a, o)) in acc.iter().zip(out.iter_mut()).enumerate() {
         // SAFETY: AVX is enabled here; the function only stores a register.
         let mut sums: [f32; SCORE_SUMS] = unsafe { store_sums(&[*a]) };
@@ -121,6 +127,31 @@ unsafe fn score_tile<E: Lanes8, const R: usize>(
         }
         *o = combine_lanes(&sums);
     }
+}
+
+/// [`combine_lanes`] of eight vectors at once: lane `r` of the result is that of `a[r]`,
+/// from the same additions in the same order (`a_i + a_{i+4}` lane-wise across the two
+/// halves, then the pairs and the pairs' sums by horizontal additions), so the bits agree;
+/// about 15 vector operations instead of some 80 scalar ones for a tile's eight scores.
+#[target_feature(enable = "avx")]
+#[inline]
+fn combine8(a: &[__m256; SCORE_TILE]) -> __m256 {
+    // Rows r and r + 1: [a_r[i] + a_r[i + 4] for i < 4, the same for a_{r+1}].
+    let halves = |r: usize| {
+        let lo = _mm256_permute2f128_ps::<0x20>(a[r], a[r + 1]);
+        let hi = _mm256_permute2f128_ps::<0x31>(a[r], a[r + 1]);
+        _mm256_add_ps(lo, hi)
+    };
+    // Per 128-bit lane, `hadd(x, y)` = [x0 + x1, x2 + x3, y0 + y1, y2 + y3]: first the pairs
+    // (rows 0, 2 | 1, 3 and 4, 6 | 5, 7), then their sums.
+    let pairs_low = _mm256_hadd_ps(halves(0), halves(2));
+    let pairs_high = _mm256_hadd_ps(halves(4), halves(6));
+    // [r0, r2, r4, r6 | r1, r3, r5, r7], put back in row order.
+    let h = _mm256_hadd_ps(pairs_low, pairs_high);
+    let swapped = _mm256_permute2f128_ps::<0x01>(h, h);
+    let first = _mm256_unpacklo_ps(h, swapped); // [r0, r1, r2, r3 | ..]
+    let second = _mm256_unpackhi_ps(h, swapped); // [r4, r5, r6, r7 | ..]
+    _mm256_permute2f128_ps::<0x20>(first, second)
 }
 
 /// Weighted sum of value rows; see [`crate::kernels::MixRowsFn`]. Falls back to the scalar
