@@ -55,23 +55,15 @@ impl Layer {
     /// The layer with each ternary linear replaced by `f(linear)` and the norms kept (for
     /// instance the steps rounded as a file format stores them).
     pub fn map_linears(&self, f: impl Fn(&BitLinear) -> BitLinear) -> Layer {
-        Layer {
-            q: f(&self.q),
-            k: f(&self.k),
-            v: f(&self.v),
-            o: f(&self.o),
-            gate: f(&self.gate),
-            up: f(&self.up),
-            down: f(&self.down),
-            ..self.clone()
-        }
+        let Ok(layer) = self.try_map_linears(|l| Ok::<_, std::convert::Infallible>(f(l)));
+        layer
     }
 
-    /// The same layer with each ternary linear replaced by `f` of it, or `f`'s first error.
-    pub fn try_map_linears(
+    /// [`Self::map_linears`] with a fallible `f`: its first error, if any.
+    pub fn try_map_linears<E>(
         &self,
-        f: impl Fn(&BitLinear) -> bitnet_quant::Result<BitLinear>,
-    ) -> Result<Layer> {
+        f: impl Fn(&BitLinear) -> std::result::Result<BitLinear, E>,
+    ) -> std::result::Result<Layer, E> {
         Ok(Layer {
             q: f(&self.q)?,
             k: f(&self.k)?,
@@ -284,7 +276,7 @@ impl Model {
             .layers
             .iter()
             .map(|l| l.try_map_linears(|lin| lin.with_layout(layout)))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<bitnet_quant::Result<Vec<_>>>()?;
         self.layers = layers;
         Ok(())
     }
