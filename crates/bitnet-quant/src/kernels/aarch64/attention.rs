@@ -111,6 +111,20 @@ unsafe fn score_tile<E: Lanes8, const R: usize>(
             hi[r] = vfmaq_f32(hi[r], q1, k1);
         }
     }
+    if R == SCORE_TILE && full == n {
+        // A whole tile and no tail: the combinations across registers, four rows per store.
+        // Lane i of `lo + hi` is a_i + a_{i+4}; `faddp` of two rows' vectors gives each row's
+        // (a0 + a4) + (a1 + a5) and (a2 + a6) + (a3 + a7), and `faddp` of two such vectors
+        // their sums in row order: the additions of `combine_lanes`, in its order.
+        let b: [float32x4_t; R] = std::array::from_fn(|r| vaddq_f32(lo[r], hi[r]));
+        for (g, o) in out.chunks_exact_mut(4).enumerate() {
+            let p0 = vpaddq_f32(b[4 * g], b[4 * g + 1]);
+            let p1 = vpaddq_f32(b[4 * g + 2], b[4 * g + 3]);
+            // SAFETY: `o` is four writable scores.
+            unsafe { vst1q_f32(o.as_mut_ptr(), vpaddq_f32(p0, p1)) };
+        }
+        return;
+    }
     for (r, o) in out.iter_mut().enumerate() {
         // SAFETY: NEON is enabled here; the function only stores registers.
         let mut sums: [f32; SCORE_SUMS] = unsafe { store_sums(&[lo[r], hi[r]]) };
