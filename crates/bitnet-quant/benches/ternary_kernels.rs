@@ -12,6 +12,9 @@
 //! `<set>-base3` the dense one), and `gemv_stream` streams both, so the time per iteration
 //! compares the layouts where decoding waits on memory.
 //!
+//! `attention` is one query's scores and one weighted sum over 32 and 1024 cached rows of the
+//! 2B-4T shape (f32 and f16 caches), per kernel set.
+//!
 //! `head` is the output head's dot products (f16, Q8_0, Q6_K) over 32768 rows of 2560 (a
 //! quarter of the 2B-4T vocabulary, past the cache), per kernel set; throughput in bytes read.
 
@@ -270,5 +273,42 @@ fn head(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, gemm, gemv_stream, head);
+/// Attention over a 2B-4T KV cache's rows (head size 128, five KV heads per row, so rows
+/// are 640 values apart): one query's scores and one weighted sum over 32 rows (L1, as the
+/// engine walks them) and 1024 rows (from L2/L3), f32 and f16 caches; throughput in
+/// multiply-adds.
+fn attention(c: &mut Criterion) {
+    const HEAD: usize = 128;
+    const STRIDE: usize = 5 * HEAD;
+    let mut seed = 11;
+    let mut uniform = || (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0;
+    let q: Vec<f32> = (0..HEAD).map(|_| uniform()).collect();
+    let rows_f32: Vec<f32> = (0..1024 * STRIDE).map(|_| uniform()).collect();
+    let rows_f16: Vec<half::f16> = rows_f32.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let mut g = c.benchmark_group("attention");
+    for rows in [32usize, 1024] {
+        let w: Vec<f32> = (0..rows).map(|_| uniform().abs() / rows as f32).collect();
+        let mut scores = vec![0f32; rows];
+        let mut out = vec![0f32; HEAD];
+        g.throughput(Throughput::Elements((rows * HEAD) as u64));
+        for k in Kernels::available() {
+            let id = |what: &str| BenchmarkId::new(k.name, format!("{what}/{rows}"));
+            g.bench_function(id("scores_f32"), |b| {
+                b.iter(|| (k.score_rows_f32)(black_box(&q), &rows_f32, STRIDE, &mut scores))
+            });
+            g.bench_function(id("scores_f16"), |b| {
+                b.iter(|| (k.score_rows_f16)(black_box(&q), &rows_f16, STRIDE, &mut scores))
+            });
+            g.bench_function(id("mix_f32"), |b| {
+                b.iter(|| (k.mix_rows_f32)(&mut out, black_box(&w), &rows_f32, STRIDE))
+            });
+            g.bench_function(id("mix_f16"), |b| {
+                b.iter(|| (k.mix_rows_f16)(&mut out, black_box(&w), &rows_f16, STRIDE))
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, gemv, gemm, gemv_stream, head, attention);
 criterion_main!(benches);
