@@ -47,6 +47,9 @@ const FLUSH_BLOCKS: usize = 8;
 // Worst case of one i16 lane after FLUSH_BLOCKS blocks: 4 products of -512 per block.
 const _: () = assert!(FLUSH_BLOCKS * 4 * 512 <= i16::MAX as usize);
 
+/// The most code vectors a 32-byte block decodes into (the dense layout's five).
+pub(super) const MAX_CODE_VECTORS: usize = 5;
+
 /// Rows of weights per tile when streaming one token (decode): one whole row group.
 pub(super) const GEMV_ROWS: usize = ROW_GROUP;
 
@@ -114,8 +117,45 @@ pub(super) trait Tile {
     ) -> [[i32; T]; R];
 }
 
-/// AVX2's tile: `vpmaddubsw` into i16 lanes, widened every [`FLUSH_BLOCKS`] blocks.
+/// How a layout's 32-byte block becomes vectors of 32 codes in {0, 1, 2}, vector `i` lining up
+/// with the block's activations `32 i..32 i + 32`, for [`maddubs_tile`].
+pub(super) trait Codes {
+    /// Code vectors per block (at most [`MAX_CODE_VECTORS`]).
+    const VECTORS: usize;
+    /// Blocks whose `vpmaddubsw` products (each lane in `[-512, 508]`, `VECTORS` per block)
+    /// an i16 lane holds before it is widened.
+    const FLUSH_BLOCKS: usize;
+
+    /// The code vectors of the block at `p` (the first [`Self::VECTORS`]; the rest unused).
+    ///
+    /// # Safety
+    ///
+    /// AVX2 must be available and the 32 bytes from `p` readable.
+    unsafe fn decode(p: *const u8) -> [__m256i; MAX_CODE_VECTORS];
+}
+
+/// AVX2's tile for the 2-bit layout: four 2-bit fields per byte, by shifts and a mask.
 pub(super) struct Maddubs;
+
+impl Codes for Maddubs {
+    const VECTORS: usize = BLOCK_ELEMS / 32;
+    const FLUSH_BLOCKS: usize = FLUSH_BLOCKS;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn decode(p: *const u8) -> [__m256i; MAX_CODE_VECTORS] {
+        let mask = _mm256_set1_epi8(3);
+        // SAFETY: 32 readable bytes by the contract.
+        let wv = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        [
+            _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask),
+            _mm256_and_si256(wv, mask),
+            _mm256_setzero_si256(),
+        ]
+    }
+}
 
 impl Tile for Maddubs {
     #[target_feature(enable = "avx2")]
@@ -126,74 +166,98 @@ impl Tile for Maddubs {
         x_stride: usize,
         blocks: usize,
     ) -> [[i32; T]; R] {
-        let mask = _mm256_set1_epi8(3);
-        let ones = _mm256_set1_epi16(1);
-        // Running pointers to the current block of each weight row and activation row (pointer
-        // bumps rather than index arithmetic, which stays cheap with overflow checks on).
-        let mut wp = [w; R];
-        for (r, p) in wp.iter_mut().enumerate() {
-            // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
-            *p = w.add(r * BLOCK_BYTES);
-        }
-        let mut xp = [x as *const __m256i; T];
-        for (t, p) in xp.iter_mut().enumerate() {
-            // SAFETY: the start of activation row `t < T`, readable by the contract.
-            *p = x.add(t * x_stride) as *const __m256i;
-        }
-        let mut acc = [[_mm256_setzero_si256(); T]; R];
-        let mut b0 = 0;
-        while b0 < blocks {
-            let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
-            let mut acc16 = [[_mm256_setzero_si256(); T]; R];
-            for _ in b0..b1 {
-                if R == ROW_GROUP {
-                    // A hint only: prefetching past the end of the weights is harmless, and
-                    // `wrapping_add` keeps the address computation itself defined.
-                    let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
-                    // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
-                    // The bumped pointer is at most one step past the row's last block.
-                    let wv = _mm256_loadu_si256(*p as *const __m256i);
-                    *p = p.wrapping_add(BLOCK_STEP);
-                    let c0 = _mm256_and_si256(_mm256_srli_epi16::<6>(wv), mask);
-                    let c1 = _mm256_and_si256(_mm256_srli_epi16::<4>(wv), mask);
-                    let c2 = _mm256_and_si256(_mm256_srli_epi16::<2>(wv), mask);
-                    let c3 = _mm256_and_si256(wv, mask);
-                    for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
-                        // SAFETY: the 128 activations of the same block of an activation row:
-                        // readable by the contract.
-                        let p0 = _mm256_maddubs_epi16(c0, _mm256_loadu_si256(xb));
-                        let p1 = _mm256_maddubs_epi16(c1, _mm256_loadu_si256(xb.add(1)));
-                        let p2 = _mm256_maddubs_epi16(c2, _mm256_loadu_si256(xb.add(2)));
-                        let p3 = _mm256_maddubs_epi16(c3, _mm256_loadu_si256(xb.add(3)));
-                        let s =
-                            _mm256_add_epi16(_mm256_add_epi16(p0, p1), _mm256_add_epi16(p2, p3));
-                        *a = _mm256_add_epi16(*a, s);
-                    }
-                }
-                for p in xp.iter_mut() {
-                    // SAFETY: at most one past the row's `blocks * 128` activations.
-                    *p = p.add(BLOCK_ELEMS / 32);
-                }
-            }
-            for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
-                for (a, &a16) in accr.iter_mut().zip(acc16r) {
-                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
-                }
-            }
-            b0 = b1;
-        }
-        let mut out = [[0i32; T]; R];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            for (ov, &av) in o.iter_mut().zip(a) {
-                *ov = hsum(av);
-            }
-        }
-        out
+        // SAFETY: the trait's contract.
+        unsafe { maddubs_tile::<Self, R, T>(w, x, x_stride, blocks) }
     }
+}
+
+/// The `vpmaddubsw` tile of any layout whose blocks `C` decodes: codes times activations into
+/// i16 lanes, widened every `C::FLUSH_BLOCKS` blocks.
+///
+/// # Safety
+///
+/// As [`Tile::tile`], with `C::VECTORS * 32` activations per block.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn maddubs_tile<C: Codes, const R: usize, const T: usize>(
+    w: *const u8,
+    x: *const i8,
+    x_stride: usize,
+    blocks: usize,
+) -> [[i32; T]; R] {
+    const { assert!(C::VECTORS == 4 || C::VECTORS == MAX_CODE_VECTORS) };
+    let ones = _mm256_set1_epi16(1);
+    // Running pointers to the current block of each weight row and activation row (pointer
+    // bumps rather than index arithmetic, which stays cheap with overflow checks on).
+    let mut wp = [w; R];
+    for (r, p) in wp.iter_mut().enumerate() {
+        // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
+        *p = unsafe { w.add(r * BLOCK_BYTES) };
+    }
+    let mut xp = [x as *const __m256i; T];
+    for (t, p) in xp.iter_mut().enumerate() {
+        // SAFETY: the start of activation row `t < T`, readable by the contract.
+        *p = unsafe { x.add(t * x_stride) } as *const __m256i;
+    }
+    let mut acc = [[_mm256_setzero_si256(); T]; R];
+    let mut b0 = 0;
+    while b0 < blocks {
+        let b1 = (b0 + C::FLUSH_BLOCKS).min(blocks);
+        let mut acc16 = [[_mm256_setzero_si256(); T]; R];
+        for _ in b0..b1 {
+            if R == ROW_GROUP {
+                // A hint only: prefetching past the end of the weights is harmless, and
+                // `wrapping_add` keeps the address computation itself defined.
+                let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
+                _mm_prefetch::<_MM_HINT_T0>(ahead);
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
+            }
+            for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
+                // SAFETY: one of the `blocks` blocks of a row: readable by the contract.
+                // The bumped pointer is at most one step past the row's last block.
+                let codes = unsafe { C::decode(*p) };
+                *p = p.wrapping_add(BLOCK_STEP);
+                for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
+                    let p: [__m256i; MAX_CODE_VECTORS] = std::array::from_fn(|i| {
+                        if i < C::VECTORS {
+                            // SAFETY: activations `32 i..32 i + 32` of the same block of an
+                            // activation row: readable by the contract.
+                            let xv = unsafe { _mm256_loadu_si256(xb.add(i)) };
+                            _mm256_maddubs_epi16(codes[i], xv)
+                        } else {
+                            _mm256_setzero_si256()
+                        }
+                    });
+                    // A tree of additions (shorter chains than one after another).
+                    let mut sum = _mm256_add_epi16(
+                        _mm256_add_epi16(p[0], p[1]),
+                        _mm256_add_epi16(p[2], p[3]),
+                    );
+                    if C::VECTORS > 4 {
+                        sum = _mm256_add_epi16(sum, p[4]);
+                    }
+                    *a = _mm256_add_epi16(*a, sum);
+                }
+            }
+            for p in xp.iter_mut() {
+                // SAFETY: at most one past the row's `blocks * VECTORS * 32` activations.
+                *p = unsafe { p.add(C::VECTORS) };
+            }
+        }
+        for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
+            for (a, &a16) in accr.iter_mut().zip(acc16r) {
+                *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
+            }
+        }
+        b0 = b1;
+    }
+    let mut out = [[0i32; T]; R];
+    for (o, a) in out.iter_mut().zip(&acc) {
+        for (ov, &av) in o.iter_mut().zip(a) {
+            *ov = hsum(av);
+        }
+    }
+    out
 }
 
 /// `out[t * rows + r] = sum_k t[r, k] * x[t, k]` for `r < rows`, `t < tokens`, with the tiles

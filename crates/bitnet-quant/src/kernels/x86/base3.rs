@@ -23,10 +23,9 @@
 
 use std::arch::x86_64::*;
 
-use super::avx2::{hsum, products, Tile, BLOCK_STEP, PREFETCH_BYTES};
+use super::avx2::{maddubs_tile, products, Codes, Tile, MAX_CODE_VECTORS};
 use crate::base3::{BASE3_BLOCK_BYTES, BASE3_BLOCK_ELEMS, BASE3_DIGITS};
 use crate::kernels::{checked_gemm_rows, checked_rows, scalar};
-use crate::ternary::ROW_GROUP;
 
 /// Blocks accumulated in i16 lanes before they are widened to i32 (see the module docs).
 const FLUSH_BLOCKS: usize = 12;
@@ -34,7 +33,7 @@ const FLUSH_BLOCKS: usize = 12;
 // Worst case of one i16 lane after FLUSH_BLOCKS blocks: five products of -512 per block.
 const _: () = assert!(FLUSH_BLOCKS * BASE3_DIGITS * 512 <= i16::MAX as usize);
 
-// The 2-bit layout's stride and prefetch distance apply: its blocks are 32 bytes too.
+// The 2-bit layout's tile applies: its blocks are 32 bytes too.
 const _: () = assert!(BASE3_BLOCK_BYTES == crate::ternary::BLOCK_BYTES);
 
 /// Matrix-vector product in the dense layout; see [`crate::kernels::GemvFn`]. Exactly equal
@@ -66,19 +65,34 @@ pub fn gemm(w: &[u8], row_bytes: usize, x: &[i8], tokens: usize, out: &mut [i32]
     unsafe { products::<Digits>(w, row_bytes, rows, x, tokens, out) }
 }
 
-/// The dense layout's tile for the AVX2 driver ([`products`]): digits decoded by comparisons
-/// and additions, multiplied by `vpmaddubsw` into i16 lanes widened every [`FLUSH_BLOCKS`]
-/// blocks.
+/// The dense layout's digits for the AVX2 tile ([`maddubs_tile`]), by comparisons and
+/// additions.
 struct Digits;
+
+impl Codes for Digits {
+    const VECTORS: usize = BASE3_DIGITS;
+    const FLUSH_BLOCKS: usize = FLUSH_BLOCKS;
+
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn decode(p: *const u8) -> [__m256i; MAX_CODE_VECTORS] {
+        let bias = _mm256_set1_epi8(-128);
+        let (low, high) = (_mm256_set1_epi8(-43), _mm256_set1_epi8(42));
+        // SAFETY: 32 readable bytes by the contract.
+        let mut m = _mm256_xor_si256(unsafe { _mm256_loadu_si256(p as *const __m256i) }, bias);
+        std::array::from_fn(|i| {
+            let carries = _mm256_add_epi8(_mm256_cmpgt_epi8(m, low), _mm256_cmpgt_epi8(m, high));
+            if i + 1 < BASE3_DIGITS {
+                m = _mm256_add_epi8(opaque(_mm256_add_epi8(m, m)), m);
+            }
+            _mm256_abs_epi8(carries)
+        })
+    }
+}
 
 impl Tile for Digits {
     const ELEMS: usize = BASE3_BLOCK_ELEMS;
 
-    /// Decodes each block's five digit vectors per row and meets them with the activations.
-    ///
-    /// # Safety
-    ///
-    /// The trait's contract, with 160 activations per block.
     #[target_feature(enable = "avx2")]
     #[inline]
     unsafe fn tile<const R: usize, const T: usize>(
@@ -87,71 +101,8 @@ impl Tile for Digits {
         x_stride: usize,
         blocks: usize,
     ) -> [[i32; T]; R] {
-        let bias = _mm256_set1_epi8(-128);
-        let low = _mm256_set1_epi8(-43);
-        let high = _mm256_set1_epi8(42);
-        let ones = _mm256_set1_epi16(1);
-        let mut wp = [w; R];
-        for (r, p) in wp.iter_mut().enumerate() {
-            // SAFETY: the first block of row `r < R`, inside the readable range by the contract.
-            *p = w.add(r * BASE3_BLOCK_BYTES);
-        }
-        let mut xp = [x as *const __m256i; T];
-        for (t, p) in xp.iter_mut().enumerate() {
-            // SAFETY: the start of activation row `t < T`, readable by the contract.
-            *p = x.add(t * x_stride) as *const __m256i;
-        }
-        let mut acc = [[_mm256_setzero_si256(); T]; R];
-        let mut b0 = 0;
-        while b0 < blocks {
-            let b1 = (b0 + FLUSH_BLOCKS).min(blocks);
-            let mut acc16 = [[_mm256_setzero_si256(); T]; R];
-            for _ in b0..b1 {
-                if R == ROW_GROUP {
-                    // A hint only: prefetching past the end is harmless, and `wrapping_add` keeps
-                    // the address computation itself defined.
-                    let ahead = wp[0].wrapping_add(PREFETCH_BYTES) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64));
-                }
-                for (p, acc16r) in wp.iter_mut().zip(acc16.iter_mut()) {
-                    // SAFETY: one of the `blocks` blocks of a row: readable by the contract. The
-                    // bumped pointer is at most one step past the row's last block.
-                    let mut m = _mm256_xor_si256(_mm256_loadu_si256(*p as *const __m256i), bias);
-                    *p = p.wrapping_add(BLOCK_STEP);
-                    for i in 0..BASE3_DIGITS {
-                        let carries =
-                            _mm256_add_epi8(_mm256_cmpgt_epi8(m, low), _mm256_cmpgt_epi8(m, high));
-                        let digit = _mm256_abs_epi8(carries);
-                        if i + 1 < BASE3_DIGITS {
-                            m = _mm256_add_epi8(opaque(_mm256_add_epi8(m, m)), m);
-                        }
-                        for (&xb, a) in xp.iter().zip(acc16r.iter_mut()) {
-                            // SAFETY: activations `32 i..32 i + 32` of the current block.
-                            let xv = _mm256_loadu_si256(xb.add(i));
-                            *a = _mm256_add_epi16(*a, _mm256_maddubs_epi16(digit, xv));
-                        }
-                    }
-                }
-                for p in xp.iter_mut() {
-                    // SAFETY: at most one past the row's `blocks * 160` activations.
-                    *p = p.add(BASE3_BLOCK_ELEMS / 32);
-                }
-            }
-            for (accr, acc16r) in acc.iter_mut().zip(&acc16) {
-                for (a, &a16) in accr.iter_mut().zip(acc16r) {
-                    *a = _mm256_add_epi32(*a, _mm256_madd_epi16(a16, ones));
-                }
-            }
-            b0 = b1;
-        }
-        let mut out = [[0i32; T]; R];
-        for (o, a) in out.iter_mut().zip(&acc) {
-            for (ov, &av) in o.iter_mut().zip(a) {
-                *ov = hsum(av);
-            }
-        }
-        out
+        // SAFETY: the trait's contract, with 160 activations per block.
+        unsafe { maddubs_tile::<Self, R, T>(w, x, x_stride, blocks) }
     }
 }
 
