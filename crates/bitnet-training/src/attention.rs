@@ -4,24 +4,24 @@
 //! Composed from candle primitives, attention materialises `[batch, heads, t, t]` scores and
 //! probabilities (and their gradients, each zero-filled and added once by candle's backward
 //! pass), copies heads in and out of `[batch, heads, t, head_dim]`, repeats the KV heads, and
-//! multiplies the masked upper triangle too. This operation reads the projections where they
-//! lie (`[batch, t, heads * head_dim]`) and works per batch row, one task each: it regroups the
-//! row's heads so that each KV head's query heads are one matrix, then takes blocks of 64 query
-//! positions (`QUERY_BLOCK`) and multiplies them with the keys up to the block's end only
-//! (candle's matrix product, batched over KV heads), so the masked keys past a block are never
-//! touched and the largest temporary is `heads x block x t`. It keeps each query's softmax
-//! maximum and normaliser for the backward pass, which rebuilds the same probabilities from them
-//! block by block. Its sums run in another order than the composition's, so the two agree to
-//! f32 rounding, not bit for bit (tested); it is deterministic whatever the thread count.
+//! multiplies the masked upper triangle too. This operation works per batch row, one task
+//! each: it lays the row's heads out head-major (rotating queries and keys), and for each query
+//! scores the keys up to its position only, with the inference engine's attention kernels
+//! (`score_rows`, `softmax`, `mix_rows` of `bitnet_quant::kernels`, chosen by runtime feature
+//! detection and tested bit for bit against their scalar definitions). The backward pass
+//! rebuilds each query's probabilities with the same kernels (so the same bits, and nothing
+//! kept between the passes) and gathers the keys' gradients per block of `QUERY_BLOCK` queries.
+//! Its sums run in another order than the composition's, so the two agree to f32 rounding, not
+//! bit for bit (tested); it is deterministic whatever the thread count.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use crate::fused::f32_slice;
 use crate::Result;
-use bitnet_quant::kernels::scalar::exp_nonpositive;
+use bitnet_quant::kernels::Kernels;
 
 /// cos and sin of the RoPE angles, `[positions, head_dim / 2]` each (the rotate-half convention
 /// uses one angle per pair `(i, i + head_dim / 2)`).
@@ -108,62 +108,52 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The operation's name in error messages.
 const ATT: &str = "causal attention";
 
-/// Query positions per block: the scores of a block against the keys up to its end are one
-/// matrix product, so the masked keys past the block are never multiplied.
+/// Query positions per block of the backward pass: the block's probabilities and score
+/// gradients are kept (`heads x block x t`) until the keys' gradients have taken them.
 const QUERY_BLOCK: usize = 64;
 
-/// The heads of one batch row (`x [t, heads * hd]`) regrouped for the matrix products:
-/// `[kv_heads, t, group, hd]`, so the rows of KV group `g` for query positions `i0..i1` are
-/// the consecutive rows `i0 * group..i1 * group`; rotated by RoPE when `rope` is given.
-fn gather(x: &[f32], dims: &Dims, heads: usize, rope: Option<&RopeAngles>) -> Vec<f32> {
-    let hd = dims.head_dim;
-    let (t, group) = (x.len() / (heads * hd), heads / dims.kv_heads);
+/// One batch row `x [t, heads * hd]` head-major, `[heads, t, hd]` (each head's rows
+/// consecutive, for the kernels' row loops), rotated by RoPE when `rope` is given.
+fn head_major(x: &[f32], heads: usize, hd: usize, rope: Option<&RopeAngles>) -> Vec<f32> {
+    let t = x.len() / (heads * hd).max(1);
     let mut out = vec![0f32; x.len()];
-    for (row, dst) in out.chunks_exact_mut(hd).enumerate() {
-        // row = (g * t + i) * group + r, head h = g * group + r.
-        let (r, gi) = (row % group, row / group);
-        let (g, i) = (gi / t, gi % t);
-        let src = &x[(i * heads + g * group + r) * hd..][..hd];
-        match rope {
-            Some(rope) => rotate(src, rope.at(i), dst),
-            None => dst.copy_from_slice(src),
+    for (i, src) in x.chunks_exact(heads * hd).enumerate() {
+        for (h, s) in src.chunks_exact(hd).enumerate() {
+            let d = &mut out[(h * t + i) * hd..][..hd];
+            match rope {
+                Some(rope) => rotate(s, rope.at(i), d),
+                None => d.copy_from_slice(s),
+            }
         }
     }
     out
 }
 
-/// The inverse of [`gather`] (with the transpose of the rotation), added to `out`.
-fn scatter_add(x: &[f32], dims: &Dims, heads: usize, rope: Option<&RopeAngles>, out: &mut [f32]) {
-    let hd = dims.head_dim;
-    let (t, group) = (x.len() / (heads * hd), heads / dims.kv_heads);
-    for (row, src) in x.chunks_exact(hd).enumerate() {
-        let (r, gi) = (row % group, row / group);
-        let (g, i) = (gi / t, gi % t);
-        let dst = &mut out[(i * heads + g * group + r) * hd..][..hd];
-        match rope {
-            Some(rope) => rotate_back_add(src, rope.at(i), dst),
-            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v),
+/// The transpose of [`head_major`] applied to `g`, added to `out` (`[t, heads * hd]`).
+fn add_from_head_major(
+    g: &[f32],
+    heads: usize,
+    hd: usize,
+    rope: Option<&RopeAngles>,
+    out: &mut [f32],
+) {
+    let t = g.len() / (heads * hd).max(1);
+    for (i, dst) in out.chunks_exact_mut(heads * hd).enumerate() {
+        for (h, d) in dst.chunks_exact_mut(hd).enumerate() {
+            let s = &g[(h * t + i) * hd..][..hd];
+            match rope {
+                Some(rope) => rotate_back_add(s, rope.at(i), d),
+                None => d.iter_mut().zip(s).for_each(|(d, &v)| *d += v),
+            }
         }
     }
 }
 
-/// Copies a block's rows, `[kv_heads, n]`, into the gathered layout `dst` (`[kv_heads, len]`)
-/// at offset `at` within each KV head.
-fn put_block(block: &[f32], kv_heads: usize, at: usize, dst: &mut [f32]) {
-    let (n, len) = (block.len() / kv_heads, dst.len() / kv_heads);
-    for (src, head) in block.chunks_exact(n).zip(dst.chunks_exact_mut(len)) {
-        head[at..at + n].copy_from_slice(src);
+/// `out[n] = m[at + n * stride]`: a column of a row-major block.
+fn column(m: &[f32], at: usize, stride: usize, out: &mut [f32]) {
+    for (n, x) in out.iter_mut().enumerate() {
+        *x = m[at + n * stride];
     }
-}
-
-/// A CPU tensor of `dims` holding `data`.
-fn tensor(data: Vec<f32>, dims: &[usize]) -> candle_core::Result<Tensor> {
-    Tensor::from_vec(data, dims, &candle_core::Device::Cpu)
-}
-
-/// The values of a small per-row CPU tensor.
-fn values(t: &Tensor) -> candle_core::Result<Vec<f32>> {
-    t.flatten_all()?.to_vec1::<f32>()
 }
 
 /// The operation's sizes; `t` comes from the arguments.
@@ -185,13 +175,6 @@ impl Dims {
     }
 }
 
-/// A row's softmax statistics (`[max, 1 / sum]` per query): the forward pass writes them, the
-/// backward pass reads them back.
-enum Stats<'a> {
-    Write(&'a mut [[f32; 2]]),
-    Read(&'a [[f32; 2]]),
-}
-
 /// One batch row's `q`, `k`, `v`.
 type RowArgs<'a> = (&'a [f32], &'a [f32], &'a [f32]);
 
@@ -199,9 +182,6 @@ struct CausalAttention {
     dims: Dims,
     scale: f32,
     rope: RopeAngles,
-    /// Per `(batch, head, query)`: the maximum of the scaled scores and `1 / sum(exp)`, written
-    /// by the forward pass for the backward pass.
-    stats: Mutex<Vec<[f32; 2]>>,
 }
 
 impl CausalAttention {
@@ -233,145 +213,118 @@ impl CausalAttention {
         Ok((q[0], q[1]))
     }
 
-    /// The rotated queries `[kv_heads, t * group, hd]` (see [`gather`]), the rotated keys and
-    /// the values `[kv_heads, t, hd]` of one batch row.
-    fn operands(&self, (q, k, v): RowArgs) -> candle_core::Result<[Tensor; 3]> {
-        let d = &self.dims;
-        let t = q.len() / d.q_width();
-        let (kvh, hd) = (d.kv_heads, d.head_dim);
-        Ok([
-            tensor(
-                gather(q, d, d.heads, Some(&self.rope)),
-                &[kvh, t * d.group(), hd],
-            )?,
-            tensor(gather(k, d, kvh, Some(&self.rope)), &[kvh, t, hd])?,
-            tensor(gather(v, d, kvh, None), &[kvh, t, hd])?,
-        ])
-    }
-
-    /// The probabilities of query positions `i0..i1` against keys `0..i1`, rows `(i, r)` of
-    /// `[kv_heads, (i1 - i0) * group, i1]`: the scaled scores, then the softmax over keys `0..=i`
-    /// with the statistics (`[kv_heads, t * group]`) it writes or reads (`stats`).
+    /// The probabilities of query `i` of head `h` against keys `0..=i` into `p` (`i + 1`
+    /// long): the scores of the rotated query with the rotated keys (`qr`, `kr`: one batch
+    /// row, head-major), then the softmax of the scaled scores. The backward pass calls it
+    /// again and gets the same bits.
     fn probabilities(
         &self,
-        qr: &Tensor,
-        kr: &Tensor,
-        (i0, i1): (usize, usize),
-        mut stats: Stats,
-    ) -> candle_core::Result<(Tensor, Tensor, Vec<f32>)> {
-        let (group, t) = (self.dims.group(), kr.dim(1)?);
-        let qb = qr.narrow(1, i0 * group, (i1 - i0) * group)?;
-        let kb = kr.narrow(1, 0, i1)?;
-        let mut p = values(&qb.matmul(&kb.t()?)?)?;
-        for (n, row) in p.chunks_exact_mut(i1).enumerate() {
-            // n = (g * (i1 - i0) + (i - i0)) * group + r.
-            let g = n / ((i1 - i0) * group);
-            let rest = n % ((i1 - i0) * group);
-            let i = i0 + rest / group;
-            let at = g * t * group + i * group + rest % group;
-            let (seen, masked) = row.split_at_mut(i + 1);
-            seen.iter_mut().for_each(|x| *x *= self.scale);
-            let [_, inv] = match &mut stats {
-                Stats::Write(st) => {
-                    let m = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    seen.iter_mut().for_each(|x| *x = exp_nonpositive(*x - m));
-                    st[at] = [m, 1.0 / seen.iter().sum::<f32>()];
-                    st[at]
-                }
-                Stats::Read(st) => {
-                    seen.iter_mut()
-                        .for_each(|x| *x = exp_nonpositive(*x - st[at][0]));
-                    st[at]
-                }
-            };
-            seen.iter_mut().for_each(|x| *x *= inv);
-            masked.fill(0.0);
-        }
-        Ok((qb, kb, p))
-    }
-
-    /// One batch row: `q [t, q_width]`, `k`, `v [t, kv_width]` -> `y [t, q_width]` and the
-    /// softmax statistics `[kv_heads, t * group]`.
-    fn forward_row(
-        &self,
-        args: RowArgs,
-        y: &mut [f32],
-        stats: &mut [[f32; 2]],
-    ) -> candle_core::Result<()> {
+        k: &Kernels,
+        (qr, kr): (&[f32], &[f32]),
+        (i, h): (usize, usize),
+        p: &mut [f32],
+    ) {
         let d = &self.dims;
-        let t = args.0.len() / d.q_width();
-        let [qr, kr, vg] = self.operands(args)?;
-        let mut yg = vec![0f32; args.0.len()];
-        for i0 in (0..t).step_by(QUERY_BLOCK) {
-            let i1 = (i0 + QUERY_BLOCK).min(t);
-            let (_, _, p) = self.probabilities(&qr, &kr, (i0, i1), Stats::Write(stats))?;
-            let rows = (i1 - i0) * d.group();
-            let p = tensor(p, &[d.kv_heads, rows, i1])?;
-            let yb = values(&p.matmul(&vg.narrow(1, 0, i1)?)?)?;
-            put_block(&yb, d.kv_heads, i0 * d.group() * d.head_dim, &mut yg);
-        }
-        y.fill(0.0);
-        scatter_add(&yg, d, d.heads, None, y);
-        Ok(())
+        let (hd, t) = (d.head_dim, qr.len() / d.q_width());
+        let q = &qr[(h * t + i) * hd..][..hd];
+        (k.score_rows_f32)(q, &kr[h / d.group() * t * hd..], hd, p);
+        (k.softmax)(p, self.scale);
     }
 
-    /// The gradients of one batch row: `dq`, `dk`, `dv` (zeroed, the arguments' shapes) from the
-    /// arguments, the output `y`, its gradient `dy` and the row's statistics.
+    /// One batch row: `q [t, q_width]`, `k`, `v [t, kv_width]` -> `y [t, q_width]`.
+    fn forward_row(&self, k: &Kernels, (q, kk, v): RowArgs, y: &mut [f32]) {
+        let d = &self.dims;
+        let (hd, t) = (d.head_dim, q.len() / d.q_width());
+        let rope = Some(&self.rope);
+        let (qr, kr) = (
+            head_major(q, d.heads, hd, rope),
+            head_major(kk, d.kv_heads, hd, rope),
+        );
+        let vh = head_major(v, d.kv_heads, hd, None);
+        let mut p = vec![0f32; t];
+        for i in 0..t {
+            for h in 0..d.heads {
+                let p = &mut p[..=i];
+                self.probabilities(k, (&qr, &kr), (i, h), p);
+                let out = &mut y[i * d.q_width() + h * hd..][..hd];
+                out.fill(0.0);
+                (k.mix_rows_f32)(out, p, &vh[h / d.group() * t * hd..], hd);
+            }
+        }
+    }
+
+    /// The gradients of one batch row, added to `dq`, `dk`, `dv` (the arguments' shapes,
+    /// zeroed), from the arguments, the output `y` and its gradient `dy`.
+    ///
+    /// Per query (query `i`, head `h`, key `j <= i`): `p` again, `dp_j = dy . v_j`,
+    /// `ds_j = scale * p_j * (dp_j - dy . y)` (the softmax gradient: `sum_j p_j dp_j = dy . y`),
+    /// `dq += ds @ k`. The keys' sums `dk_j += sum ds_j q` and `dv_j += sum p_j dy` run over
+    /// queries, so each block of `QUERY_BLOCK` positions keeps its `p` and `ds` rows and adds
+    /// them key by key, as weighted sums of consecutive query rows.
     fn backward_row(
         &self,
-        args: RowArgs,
+        k: &Kernels,
+        (q, kk, v): RowArgs,
         (y, dy): (&[f32], &[f32]),
-        stats: &[[f32; 2]],
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
-    ) -> candle_core::Result<()> {
+    ) {
         let d = &self.dims;
-        let (hd, kvh, group) = (d.head_dim, d.kv_heads, d.group());
-        let t = args.0.len() / d.q_width();
-        let [qr, kr, vg] = self.operands(args)?;
-        let dyg = gather(dy, d, d.heads, None);
-        // sum_j p_j (dy . v_j) = dy . y: the softmax gradient's offset of each row.
-        let offsets: Vec<f32> = dyg
-            .chunks_exact(hd)
-            .zip(gather(y, d, d.heads, None).chunks_exact(hd))
-            .map(|(a, b)| dot(a, b))
-            .collect();
-        let dyt = tensor(dyg, &[kvh, t * group, hd])?;
-        let (mut dqg, mut dkg, mut dvg) = (
-            vec![0f32; dq.len()],
-            vec![0f32; dk.len()],
-            vec![0f32; dv.len()],
+        let (hd, qw, heads) = (d.head_dim, d.q_width(), d.heads);
+        let t = q.len() / qw;
+        let rope = Some(&self.rope);
+        let (qr, kr) = (
+            head_major(q, heads, hd, rope),
+            head_major(kk, d.kv_heads, hd, rope),
         );
+        let (vh, dyh) = (
+            head_major(v, d.kv_heads, hd, None),
+            head_major(dy, heads, hd, None),
+        );
+        let (mut dqr, mut dkr, mut dvh) = (
+            vec![0f32; q.len()],
+            vec![0f32; kk.len()],
+            vec![0f32; kk.len()],
+        );
+        // Block rows `(h, i - i0)`, each `i1` long (keys `0..=i` used).
+        let mut ps = vec![0f32; heads * QUERY_BLOCK.min(t) * t];
+        let mut dss = vec![0f32; ps.len()];
+        let mut w = vec![0f32; QUERY_BLOCK];
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
-            let rows = (i1 - i0) * group;
-            let (qb, kb, p) = self.probabilities(&qr, &kr, (i0, i1), Stats::Read(stats))?;
-            let dyb = dyt.narrow(1, i0 * group, rows)?;
-            let vb = vg.narrow(1, 0, i1)?;
-            let mut ds = values(&dyb.matmul(&vb.t()?)?)?;
-            for (n, (dsr, pr)) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)).enumerate() {
-                let off = offsets[(n / rows) * t * group + i0 * group + n % rows];
-                for (x, &pj) in dsr.iter_mut().zip(pr) {
-                    *x = pj * (*x - off) * self.scale;
+            let nb = i1 - i0;
+            for i in i0..i1 {
+                for h in 0..heads {
+                    let at = (h * nb + i - i0) * i1;
+                    let (p, ds) = (&mut ps[at..at + i + 1], &mut dss[at..at + i + 1]);
+                    self.probabilities(k, (&qr, &kr), (i, h), p);
+                    let (o, g) = ((h * t + i) * hd, h / d.group() * t * hd);
+                    let dyi = &dyh[o..o + hd];
+                    (k.score_rows_f32)(dyi, &vh[g..], hd, ds);
+                    let off = dot(dyi, &y[i * qw + h * hd..][..hd]);
+                    for (x, &pj) in ds.iter_mut().zip(p.iter()) {
+                        *x = pj * (*x - off) * self.scale;
+                    }
+                    (k.mix_rows_f32)(&mut dqr[o..o + hd], ds, &kr[g..], hd);
                 }
             }
-            let p = tensor(p, &[kvh, rows, i1])?;
-            let ds = tensor(ds, &[kvh, rows, i1])?;
-            let dv_b = values(&p.t()?.matmul(&dyb)?)?;
-            let dk_b = values(&ds.t()?.matmul(&qb)?)?;
-            let dq_b = values(&ds.matmul(&kb)?)?;
-            for g in 0..kvh {
-                for (acc, src) in [(&mut dvg, &dv_b), (&mut dkg, &dk_b)] {
-                    let dst = &mut acc[g * t * hd..][..i1 * hd];
-                    let src = &src[g * i1 * hd..][..i1 * hd];
-                    dst.iter_mut().zip(src).for_each(|(a, &b)| *a += b);
+            for h in 0..heads {
+                let g = h / d.group() * t;
+                for j in 0..i1 {
+                    // Queries `first..i1` of this block see key `j`.
+                    let first = i0.max(j);
+                    let w = &mut w[..i1 - first];
+                    let (at, rows) = ((h * nb + first - i0) * i1 + j, (h * t + first) * hd);
+                    let key = (g + j) * hd..(g + j + 1) * hd;
+                    column(&dss, at, i1, w);
+                    (k.mix_rows_f32)(&mut dkr[key.clone()], w, &qr[rows..], hd);
+                    column(&ps, at, i1, w);
+                    (k.mix_rows_f32)(&mut dvh[key], w, &dyh[rows..], hd);
                 }
             }
-            put_block(&dq_b, kvh, i0 * group * hd, &mut dqg);
         }
-        scatter_add(&dqg, d, d.heads, Some(&self.rope), dq);
-        scatter_add(&dkg, d, kvh, Some(&self.rope), dk);
-        scatter_add(&dvg, d, kvh, None, dv);
-        Ok(())
+        add_from_head_major(&dqr, heads, hd, rope, dq);
+        add_from_head_major(&dkr, d.kv_heads, hd, rope, dk);
+        add_from_head_major(&dvh, d.kv_heads, hd, None, dv);
     }
 }
 
@@ -395,24 +348,13 @@ impl CustomOp3 for CausalAttention {
             f32_slice(s2, l2, ATT)?,
             f32_slice(s3, l3, ATT)?,
         );
-        let (qn, kn, sn) = (
-            t * self.dims.q_width(),
-            t * self.dims.kv_width(),
-            self.dims.heads * t,
-        );
+        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let kernels = Kernels::get();
         let mut y = vec![0f32; b * qn];
-        let mut stats = vec![[0f32; 2]; b * sn];
-        y.par_chunks_mut(qn.max(1))
-            .zip(stats.par_chunks_mut(sn.max(1)))
-            .enumerate()
-            .try_for_each(|(r, (y, st))| {
-                let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
-                self.forward_row(rows, y, st)
-            })?;
-        *self
-            .stats
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention stats lock".into()))? = stats;
+        y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
+            let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
+            self.forward_row(kernels, rows, y);
+        });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -435,18 +377,8 @@ impl CustomOp3 for CausalAttention {
             *slot = f32_slice(s, l, ATT)?;
         }
         let [q_, k_, v_, y_, dy_] = data;
-        let stats = self
-            .stats
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention stats lock".into()))?;
-        let (qn, kn, sn) = (
-            t * self.dims.q_width(),
-            t * self.dims.kv_width(),
-            self.dims.heads * t,
-        );
-        if stats.len() != b * sn {
-            candle_core::bail!("causal attention: backward pass without its forward pass");
-        }
+        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let kernels = Kernels::get();
         let mut dq = vec![0f32; b * qn];
         let mut dk = vec![0f32; b * kn];
         let mut dv = vec![0f32; b * kn];
@@ -456,15 +388,15 @@ impl CustomOp3 for CausalAttention {
                     .zip(dv.par_chunks_mut(kn.max(1))),
             )
             .enumerate()
-            .try_for_each(|(r, (dq, (dk, dv)))| {
+            .for_each(|(r, (dq, (dk, dv)))| {
                 let rows = (
                     &q_[r * qn..][..qn],
                     &k_[r * kn..][..kn],
                     &v_[r * kn..][..kn],
                 );
                 let out = (&y_[r * qn..][..qn], &dy_[r * qn..][..qn]);
-                self.backward_row(rows, out, &stats[r * sn..][..sn], (dq, dk, dv))
-            })?;
+                self.backward_row(kernels, rows, out, (dq, dk, dv));
+            });
         drop(guards);
         let dev = q.device();
         Ok((
@@ -502,7 +434,6 @@ pub fn causal_attention(
         },
         scale: (1.0 / (head_dim as f64).sqrt()) as f32,
         rope: rope.clone(),
-        stats: Mutex::new(Vec::new()),
     };
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)

@@ -113,8 +113,13 @@ impl BitLinear {
         }
     }
 
-    /// `x [.., in] -> [.., out]`.
+    /// `x [.., in] -> [.., out]`. On the CPU a quantized layer is one fused operation whose
+    /// forward product runs on the engine's integer kernels ([`crate::fused_linear`]); the
+    /// value is the composition's up to f32 rounding of the sums.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.quantize && x.device().is_cpu() {
+            return crate::fused_linear::bitlinear(x, self.weight.as_tensor());
+        }
         let xq = self.effective_input(x)?;
         let w = self.effective_weight()?;
         matmul_wt(&xq, &w)

@@ -74,12 +74,9 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
-/// RMSNorm `y = x * inv_rms(x) * w` over the last dimension, optionally followed by the
-/// per-token int8 quantize-dequantize of a BitLinear input (straight-through: the gradient is
-/// RMSNorm's).
+/// RMSNorm `y = x * inv_rms(x) * w` over the last dimension.
 struct RmsNorm {
     eps: f32,
-    quantize: bool,
 }
 
 impl candle_core::CustomOp2 for RmsNorm {
@@ -110,9 +107,6 @@ impl candle_core::CustomOp2 for RmsNorm {
                     for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
                         *oi = xi * r * wi;
                     }
-                    if self.quantize {
-                        quantize_row(o);
-                    }
                 }
             });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
@@ -129,16 +123,6 @@ impl candle_core::CustomOp2 for RmsNorm {
         let dx = x.apply_op3_no_bwd(w, &grad, &RmsNormGradX { eps: self.eps })?;
         let dw = x.apply_op2_no_bwd(&grad, &RmsNormGradW { eps: self.eps })?;
         Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// In-place `round(v * s) / s` with `s = 127 / max|v|` (the activation quantizer of one row).
-#[inline]
-fn quantize_row(o: &mut [f32]) {
-    let amax = o.iter().fold(0f32, |m, &v| m.max(v.abs()));
-    let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
-    for v in o {
-        *v = bitnet_quant::round_half_even_small(*v * s).clamp(-128.0, 127.0) / s;
     }
 }
 
@@ -235,10 +219,10 @@ impl candle_core::CustomOp2 for RmsNormGradW {
     }
 }
 
-/// RMSNorm over the last dimension with gain `w`, fused; with `quantize`, the result is also
-/// quantized to int8 and dequantized per token (straight-through), as a BitLinear input.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, quantize: bool) -> Result<Tensor> {
-    Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps, quantize })?)
+/// RMSNorm over the last dimension with gain `w`, fused (BitLinear layers quantize their
+/// inputs themselves, see [`crate::fused_linear`]).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    Ok(x.contiguous()?.apply_op2(w, RmsNorm { eps })?)
 }
 
 /// Mean cross-entropy of rows of logits `[n, vocab]` against target ids `[n]`, fused: one pass
@@ -503,7 +487,7 @@ mod tests {
             .unwrap();
         let up = Tensor::from_vec(randn(rows * n, 7, 1.0), (rows, n), &Device::Cpu).unwrap();
         let eps = 1e-5;
-        let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps, false).unwrap();
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
         let reference = crate::model::rms_norm(x.as_tensor(), &w, eps).unwrap();
         assert!(diff(&fused, &reference) <= 1e-6);
         let ga = weighted_grads(&fused, &up);
@@ -520,16 +504,6 @@ mod tests {
                 diff(a, b)
             );
         }
-        // The quantized form is the activation quantizer applied to the fused norm, and its
-        // gradient is the norm's (straight-through).
-        let q = rms_norm(x.as_tensor(), w.as_tensor(), eps, true).unwrap();
-        let want = crate::bitlinear::quantize_activations(&fused).unwrap();
-        assert_eq!(q.to_vec2::<f32>().unwrap(), want.to_vec2::<f32>().unwrap());
-        let gq = weighted_grads(&q, &up);
-        assert_eq!(
-            gq.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
-            ga.get(x.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
-        );
     }
 
     #[test]

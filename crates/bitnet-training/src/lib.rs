@@ -3,8 +3,9 @@
 //! - [`bitlinear`]: the BitLinear layer with the straight-through estimator, usable in any
 //!   candle model;
 //! - [`model`]: the b1.58 transformer the engine runs, from a [`config::ModelShape`];
-//! - [`attention`] and [`fused`]: the CPU's fused operations (attention with RoPE and grouped KV
-//!   heads, RMSNorm with quantization, cross-entropy, the gate);
+//! - [`attention`], [`fused`] and [`fused_linear`]: the CPU's fused operations (attention with
+//!   RoPE and grouped KV heads, RMSNorm, cross-entropy, the gate, and BitLinear itself on the
+//!   engine's integer kernels);
 //! - [`optim`] and [`config::Recipe`]: AdamW, clipping, BitNet's two-stage schedule (or cosine);
 //! - [`data`]: byte-level BPE tokenizer training and shuffled windows;
 //! - [`train`]: the loop with validation, logs and [`checkpoint`]s that resume bit for bit;
@@ -19,6 +20,7 @@ mod error;
 pub mod eval;
 pub mod export;
 pub mod fused;
+pub mod fused_linear;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -6,7 +6,7 @@
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::attention::{causal_attention, RopeAngles};
-use crate::bitlinear::{matmul_wt, BitLinear};
+use crate::bitlinear::BitLinear;
 use crate::config::ModelShape;
 use crate::rng::SplitMix64;
 use crate::{Result, TrainError};
@@ -206,6 +206,14 @@ impl Transformer {
     /// Logits `[batch, seq, vocab]` for token ids `[batch, seq]` (u32), causal.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        let logits = self.logits_2d(ids)?;
+        Ok(logits.reshape((b, t, self.shape.vocab_size))?)
+    }
+
+    /// Logits `[batch * seq, vocab]`: the loss takes them flat, and every reshape is one more
+    /// logits-sized gradient in candle's backward pass.
+    fn logits_2d(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
         let s = &self.shape;
         let mut x = self
             .embed
@@ -224,41 +232,36 @@ impl Transformer {
             let h = self.linear_input(&x, &blk.attn_norm)?;
             let a = self.attention(blk, &h, &rope, composed.as_ref())?;
             let a = self.linear_input(&a, &blk.attn_sub_norm)?;
-            x = x.add(&matmul_wt(&a, &blk.o_proj.effective_weight()?)?)?;
+            x = x.add(&blk.o_proj.forward(&a)?)?;
             let h = self.linear_input(&x, &blk.ffn_norm)?;
-            let g = matmul_wt(&h, &blk.gate_proj.effective_weight()?)?;
-            let u = matmul_wt(&h, &blk.up_proj.effective_weight()?)?;
+            let g = blk.gate_proj.forward(&h)?;
+            let u = blk.up_proj.forward(&h)?;
             let gated = if g.device().is_cpu() {
                 crate::fused::relu2_gate(&g, &u)?
             } else {
                 g.relu()?.sqr()?.mul(&u)?
             };
             let m = self.linear_input(&gated, &blk.ffn_sub_norm)?;
-            x = x.add(&matmul_wt(&m, &blk.down_proj.effective_weight()?)?)?;
+            x = x.add(&blk.down_proj.forward(&m)?)?;
         }
         let x = if x.device().is_cpu() {
-            crate::fused::rms_norm(&x, self.final_norm.as_tensor(), s.rms_norm_eps, false)?
+            crate::fused::rms_norm(&x, self.final_norm.as_tensor(), s.rms_norm_eps)?
         } else {
             rms_norm(&x, &self.final_norm, s.rms_norm_eps)?
         };
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        matmul_wt(&x, head.as_tensor())
+        Ok(x.reshape((b * t, s.hidden_size))?
+            .matmul(&head.as_tensor().t()?)?)
     }
 
-    /// The input of a linear layer: RMSNorm of `x` with gain `w`, then (BitLinear) per-token int8
-    /// quantize-dequantize with the straight-through gradient. Fused on the CPU.
+    /// The input of linear layers: RMSNorm of `x` with gain `w` (fused on the CPU). The
+    /// layers quantize it themselves (BitLinear's activation quantizer).
     fn linear_input(&self, x: &Tensor, w: &Var) -> Result<Tensor> {
         let eps = self.shape.rms_norm_eps;
         if x.device().is_cpu() {
-            return crate::fused::rms_norm(x, w.as_tensor(), eps, self.quantize);
+            return crate::fused::rms_norm(x, w.as_tensor(), eps);
         }
-        let h = rms_norm(x, w, eps)?;
-        if self.quantize {
-            let q = crate::bitlinear::quantize_activations(&h)?;
-            crate::bitlinear::straight_through(&h, &q)
-        } else {
-            Ok(h)
-        }
+        rms_norm(x, w, eps)
     }
 
     /// Causal self-attention of one block over `h [b, t, d]`, the already normalised (and, for
@@ -272,9 +275,9 @@ impl Transformer {
         composed: Option<&(Tensor, Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let s = &self.shape;
-        let q = matmul_wt(h, &blk.q_proj.effective_weight()?)?;
-        let k = matmul_wt(h, &blk.k_proj.effective_weight()?)?;
-        let v = matmul_wt(h, &blk.v_proj.effective_weight()?)?;
+        let q = blk.q_proj.forward(h)?;
+        let k = blk.k_proj.forward(h)?;
+        let v = blk.v_proj.forward(h)?;
         match composed {
             None => causal_attention(&q, &k, &v, s.num_heads, s.num_kv_heads, rope),
             Some((cos, sin, mask)) => attention_composed(s, &q, &k, &v, cos, sin, mask),
@@ -286,9 +289,7 @@ impl Transformer {
         let (_, n) = ids.dims2()?;
         let inputs = ids.narrow(1, 0, n - 1)?.contiguous()?;
         let targets = ids.narrow(1, 1, n - 1)?.flatten_all()?;
-        let logits = self.forward(&inputs)?;
-        let v = self.shape.vocab_size;
-        let flat = logits.reshape(((), v))?;
+        let flat = self.logits_2d(&inputs)?;
         if flat.device().is_cpu() {
             crate::fused::cross_entropy(&flat, &targets)
         } else {

@@ -271,14 +271,28 @@ fn bitlinear_gradients_are_the_ste_definition() {
 fn composition_gradients_are_the_ste_definition() {
     // The unfused form, which other devices run, obeys the same definition...
     check_against_definition(Path::Composition, 1);
-    // ... and on the CPU equals the fused layer bit for bit, forward and backward.
+    // ... and on the CPU agrees with the fused layer, forward and backward. Not bit for bit:
+    // the fused forward sums the int8 x ternary products exactly in integers (the engine's
+    // kernels) and scales once, the composition multiplies dequantized f32 values.
     let p = Problem::new(4);
     let (a, b) = (
         autograd(&p, Path::BitLinear),
         autograd(&p, Path::Composition),
     );
-    assert_eq!(a.loss.to_bits(), b.loss.to_bits());
-    assert_eq!((&a.gx, &a.gw1, &a.gw2), (&b.gx, &b.gw1, &b.gw2));
+    assert!(
+        (a.loss - b.loss).abs() <= 1e-6 * b.loss.abs(),
+        "{} vs {}",
+        a.loss,
+        b.loss
+    );
+    for (name, x, y) in [
+        ("dx", &a.gx, &b.gx),
+        ("dW1", &a.gw1, &b.gw1),
+        ("dW2", &a.gw2, &b.gw2),
+    ] {
+        let e = rel_err(x, y);
+        assert!(e <= 1e-5, "{name}: fused vs composition {e:.2e}");
+    }
 }
 
 #[test]

@@ -1,0 +1,225 @@
+//! BitLinear's forward and backward pass on the CPU as one candle operation, with the forward
+//! product computed by the inference engine's integer kernels.
+//!
+//! Composed from candle primitives, a BitLinear layer is a dozen passes over its weights (the
+//! absmean quantizer and the straight-through `w + (q(w) - w).detach()`), a reshape and a
+//! transpose around an f32 matrix product, and a gradient for each of those nodes, which
+//! candle's backward pass zero-fills and adds on one thread. Here the layer is one node:
+//!
+//! - forward: ternary codes of the latent weights with the scale `s_w` (computed by
+//!   [`crate::bitlinear::weight_scale`], so export stores the very same value), int8 codes of
+//!   each input row with its `s_x`, the exact integer products from `bitnet_quant`'s kernels
+//!   (the ones the engine runs), and `y = acc / (s_x * s_w)` as the engine computes it;
+//! - backward (straight-through through both quantizers): `dx = dy @ (codes / s_w)` and
+//!   `dW = dy^T @ (q / s_x)`, two f32 matrix products on the values the forward pass used.
+
+use std::sync::OnceLock;
+
+use bitnet_quant::bitlinear::{BitLinear as PackedLinear, WeightScale};
+use bitnet_quant::kernels::Kernels;
+use bitnet_quant::quantize::quantize_activations;
+use bitnet_quant::ternary::TernaryMatrix;
+use candle_core::{CpuStorage, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::fused::f32_slice;
+use crate::Result;
+
+/// Rows (tokens) per parallel task when quantizing or dequantizing activations.
+const ROWS_PER_TASK: usize = 64;
+
+/// What the forward pass quantized, kept for the backward pass.
+struct Saved {
+    /// Ternary codes of the weights, `[out, in]` row-major.
+    codes: Vec<i8>,
+    /// Int8 codes of the input rows, each padded to `padded_in`.
+    xq: Vec<i8>,
+    /// Per-row activation scales `s_x`.
+    s_x: Vec<f32>,
+    padded_in: usize,
+}
+
+/// The fused layer for one call: `s_w` fixed by the caller (see the module comment).
+struct BitLinearOp {
+    s_w: f32,
+    saved: OnceLock<Saved>,
+}
+
+/// `clamp(round(w * s_w), -1, 1)`, halves to even: the operations of
+/// [`crate::bitlinear::ternary_codes`] in the same order, so the codes agree bit for bit.
+fn weight_code(w: f32, s_w: f32) -> i8 {
+    bitnet_quant::round_half_even_small((w * s_w).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) as i8
+}
+
+impl candle_core::CustomOp2 for BitLinearOp {
+    fn name(&self) -> &'static str {
+        "bitnet-bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "bitlinear")?;
+        let w = f32_slice(ws, wl, "bitlinear")?;
+        let (out_f, in_f) = wl.shape().dims2()?;
+        if xl.dims().last() != Some(&in_f) {
+            candle_core::bail!(
+                "bitlinear: weight [{out_f}, {in_f}] for inputs {:?}",
+                xl.dims()
+            );
+        }
+        let rows = x.len() / in_f.max(1);
+        let codes: Vec<i8> = w.par_iter().map(|&v| weight_code(v, self.s_w)).collect();
+        let matrix = TernaryMatrix::from_codes(&codes, out_f, in_f)
+            .map_err(|e| candle_core::Error::Msg(format!("bitlinear: {e}")))?;
+        let layer = PackedLinear::new(matrix, WeightScale::Inverse(self.s_w));
+        let k = layer.padded_in();
+        let mut xq = vec![0i8; rows * k];
+        let mut s_x = vec![0f32; rows];
+        xq.par_chunks_mut(k * ROWS_PER_TASK)
+            .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
+            .zip(x.par_chunks(in_f * ROWS_PER_TASK))
+            .for_each(|((q, s), x)| {
+                for ((q, s), x) in q.chunks_exact_mut(k).zip(s).zip(x.chunks_exact(in_f)) {
+                    *s = quantize_activations(x, q);
+                }
+            });
+        let mut acc = vec![0i32; rows * out_f];
+        let mut y = vec![0f32; rows * out_f];
+        layer.forward_quantized(Kernels::get(), &xq, &s_x, &mut acc, &mut y);
+        // One forward per op value (a fresh op per call), so this is set once.
+        let _ = self.saved.set(Saved {
+            codes,
+            xq,
+            s_x,
+            padded_in: k,
+        });
+        let mut dims = xl.dims().to_vec();
+        *dims.last_mut().expect("checked above") = out_f;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some(saved) = self.saved.get() else {
+            candle_core::bail!("bitlinear: backward pass without a CPU forward pass");
+        };
+        let (out_f, in_f) = w.dims2()?;
+        let rows = x.elem_count() / in_f.max(1);
+        let dev = x.device();
+        let w_eff: Vec<f32> = saved
+            .codes
+            .par_iter()
+            .map(|&c| c as f32 / self.s_w)
+            .collect();
+        let w_eff = Tensor::from_vec(w_eff, (out_f, in_f), dev)?;
+        let mut x_eff = vec![0f32; rows * in_f];
+        x_eff
+            .par_chunks_mut(in_f * ROWS_PER_TASK)
+            .zip(saved.xq.par_chunks(saved.padded_in * ROWS_PER_TASK))
+            .zip(saved.s_x.par_chunks(ROWS_PER_TASK))
+            .for_each(|((o, q), s)| {
+                for ((o, q), &s) in o
+                    .chunks_exact_mut(in_f)
+                    .zip(q.chunks_exact(saved.padded_in))
+                    .zip(s)
+                {
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = q as f32 / s;
+                    }
+                }
+            });
+        let x_eff = Tensor::from_vec(x_eff, (rows, in_f), dev)?;
+        let dy = grad.reshape((rows, out_f))?;
+        let dx = dy.matmul(&w_eff)?.reshape(x.shape())?;
+        let dw = dy.t()?.matmul(&x_eff)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// BitLinear `q(x) @ q(W)^T` of `x [.., in]` and latent weights `w [out, in]` on the CPU, with
+/// the straight-through gradient for both (see the module comment). `x` and `w` must be f32
+/// CPU tensors.
+pub fn bitlinear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let s_w = crate::bitlinear::weight_scale(w)?
+        .detach()
+        .to_scalar::<f32>()?;
+    let op = BitLinearOp {
+        s_w,
+        saved: OnceLock::new(),
+    };
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitlinear::{matmul_wt, BitLinear};
+    use crate::testing::{diff, max_abs, randn, weighted_grads};
+    use candle_core::{Device, Var};
+
+    /// The composition the fused layer replaces: the quantizers with the straight-through
+    /// estimator, written with candle primitives, and an f32 matrix product.
+    fn composed(x: &Tensor, layer: &BitLinear) -> Tensor {
+        let xq = crate::bitlinear::straight_through(
+            x,
+            &crate::bitlinear::quantize_activations(x).unwrap(),
+        )
+        .unwrap();
+        matmul_wt(&xq, &layer.effective_weight().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fused_layer_matches_the_composition_with_gradients() {
+        // Odd widths (padding inside the kernels' blocks), several leading dims, more rows
+        // than one task, and an all-zero input row (scale clamped by the epsilon).
+        for (lead, k, n) in [
+            (vec![2, 67], 70, 9),
+            (vec![3], 300, 130),
+            (vec![130], 256, 64),
+        ] {
+            let rows: usize = lead.iter().product();
+            let mut xs = randn(rows * k, k as u64, 1.7);
+            xs[..k].fill(0.0);
+            let dims = [lead.as_slice(), &[k]].concat();
+            let x = Var::from_tensor(&Tensor::from_vec(xs, dims, &Device::Cpu).unwrap()).unwrap();
+            let w = Var::from_tensor(
+                &Tensor::from_vec(randn(n * k, n as u64, 0.02), (n, k), &Device::Cpu).unwrap(),
+            )
+            .unwrap();
+            let layer = BitLinear::new(w.clone(), true).unwrap();
+            let fused = layer.forward(x.as_tensor()).unwrap();
+            let reference = composed(x.as_tensor(), &layer);
+            assert_eq!(fused.dims(), reference.dims());
+            // The same products of the same quantized values: f32 rounding of the sums only.
+            let scale = max_abs(&reference);
+            assert!(
+                diff(&fused, &reference) <= 1e-6 * scale,
+                "{} of {scale}",
+                diff(&fused, &reference)
+            );
+            let up =
+                Tensor::from_vec(randn(rows * n, 3, 1.0), fused.shape(), &Device::Cpu).unwrap();
+            let ga = weighted_grads(&fused, &up);
+            let gb = weighted_grads(&reference, &up);
+            for v in [&x, &w] {
+                let (a, b) = (
+                    ga.get(v.as_tensor()).unwrap(),
+                    gb.get(v.as_tensor()).unwrap(),
+                );
+                assert_eq!(a.dims(), v.dims());
+                let scale = max_abs(b);
+                assert!(diff(a, b) <= 1e-6 * scale, "{} of {scale}", diff(a, b));
+            }
+        }
+    }
+}
