@@ -15,6 +15,8 @@
 //! `attention` is one query's scores and one weighted sum over 32 and 1024 cached rows of the
 //! 2B-4T shape (f32 and f16 caches), per kernel set.
 //!
+//! `quantize_activations` is the per-token int8 quantization of 64 rows of 2560.
+//!
 //! `head` is the output head's dot products (f16, Q8_0, Q6_K) over 32768 rows of 2560 (a
 //! quarter of the 2B-4T vocabulary, past the cache), per kernel set; throughput in bytes read.
 
@@ -310,5 +312,30 @@ fn attention(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, gemm, gemv_stream, head, attention);
+/// Per-token int8 quantization of 64 activation rows of 2560 (a prefill chunk's projection
+/// input), the scalar code every kernel set shares.
+fn quantize(c: &mut Criterion) {
+    const COLS: usize = 2560;
+    const ROWS: usize = 64;
+    let mut seed = 13;
+    let x: Vec<f32> = (0..ROWS * COLS)
+        .map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0)
+        .collect();
+    let mut q = vec![0i8; ROWS * COLS];
+    let mut g = c.benchmark_group("quantize_activations");
+    g.throughput(Throughput::Elements((ROWS * COLS) as u64));
+    g.bench_function("64x2560", |b| {
+        b.iter(|| {
+            for (x, q) in black_box(&x)
+                .chunks_exact(COLS)
+                .zip(q.chunks_exact_mut(COLS))
+            {
+                black_box(bitnet_quant::quantize_activations(x, q));
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, gemv, gemm, gemv_stream, head, attention, quantize);
 criterion_main!(benches);

@@ -108,6 +108,20 @@ pub fn round_half_even_small(v: f32) -> f32 {
     (v + MAGIC) - MAGIC
 }
 
+/// `v as i8` for an integer `v` in `[-128, 127]`, and 0 for NaN, as that cast gives, but in
+/// operations the compiler vectorizes (the saturating cast compiles to scalar code): adding
+/// `1.5 * 2^23` leaves `v` in the low mantissa bits, two's complement for negative `v`.
+#[inline(always)]
+pub fn int8_of_integer(v: f32) -> i8 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23
+    let low = (v + MAGIC).to_bits() as u8 as i8;
+    if v.is_nan() {
+        0
+    } else {
+        low
+    }
+}
+
 /// Quantizes one token's activations to int8 and returns `s_x = 127 / max(max|x|, 1e-5)`.
 ///
 /// The division is computed as PyTorch evaluates `127 / tensor` (`tensor.reciprocal() * 127`):
@@ -119,7 +133,7 @@ pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
     let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
     let s = (1.0 / amax.max(QUANT_EPS)) * 127.0;
     for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = round_half_even_small(xi * s).clamp(-128.0, 127.0) as i8;
+        *qi = int8_of_integer(round_half_even_small(xi * s).clamp(-128.0, 127.0));
     }
     q[x.len()..].fill(0);
     s
@@ -128,6 +142,17 @@ pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn int8_of_integer_is_the_cast() {
+        for v in -128..=127 {
+            assert_eq!(int8_of_integer(v as f32), v as i8);
+        }
+        assert_eq!(int8_of_integer(-0.0), 0);
+        for nan in [f32::NAN, -f32::NAN, f32::from_bits(0x7fc0_00ff)] {
+            assert_eq!(int8_of_integer(nan), 0);
+        }
+    }
 
     #[test]
     fn small_rounding_equals_round_ties_even() {

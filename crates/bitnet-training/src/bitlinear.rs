@@ -124,6 +124,14 @@ impl BitLinear {
         let w = self.effective_weight()?;
         matmul_wt(&xq, &w)
     }
+
+    /// `r + forward(x)`: a residual connection, one fused operation on the CPU.
+    pub fn forward_add(&self, x: &Tensor, r: &Tensor) -> Result<Tensor> {
+        if self.quantize && x.device().is_cpu() {
+            return crate::fused_linear::bitlinear_add(x, self.weight.as_tensor(), r);
+        }
+        Ok(r.add(&self.forward(x)?)?)
+    }
 }
 
 /// `x [.., in] @ w[out, in]^T -> [.., out]`, flattening the leading dimensions.

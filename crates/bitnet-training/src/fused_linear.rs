@@ -51,18 +51,15 @@ fn weight_code(w: f32, s_w: f32) -> i8 {
     bitnet_quant::round_half_even_small((w * s_w).clamp(-2.0, 2.0)).clamp(-1.0, 1.0) as i8
 }
 
-impl candle_core::CustomOp2 for BitLinearOp {
-    fn name(&self) -> &'static str {
-        "bitnet-bitlinear"
-    }
-
-    fn cpu_fwd(
+impl BitLinearOp {
+    /// The layer's output for `x` and `w` (the operation's arguments).
+    fn output(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    ) -> candle_core::Result<(Vec<f32>, Shape)> {
         let x = f32_slice(xs, xl, "bitlinear")?;
         let w = f32_slice(ws, wl, "bitlinear")?;
         let (out_f, in_f) = wl.shape().dims2()?;
@@ -100,16 +97,17 @@ impl candle_core::CustomOp2 for BitLinearOp {
         });
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("checked above") = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        Ok((y, Shape::from(dims)))
     }
 
-    fn bwd(
+    /// The gradients of `x` and `w` for the output gradient `grad` (the straight-through
+    /// estimator's products on the values the forward pass used).
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let Some(saved) = self.saved.get() else {
             candle_core::bail!("bitlinear: backward pass without a CPU forward pass");
         };
@@ -142,22 +140,105 @@ impl candle_core::CustomOp2 for BitLinearOp {
         let dy = grad.reshape((rows, out_f))?;
         let dx = dy.matmul(&w_eff)?.reshape(x.shape())?;
         let dw = dy.t()?.matmul(&x_eff)?;
+        Ok((dx, dw))
+    }
+}
+
+impl candle_core::CustomOp2 for BitLinearOp {
+    fn name(&self) -> &'static str {
+        "bitnet-bitlinear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (y, shape) = self.output(xs, xl, ws, wl)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, grad)?;
         Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The layer with a residual `r` added to its output (`r + y`, the f32 addition of
+/// `r.add(y)`), so that the residual stream needs no separate addition node.
+impl candle_core::CustomOp3 for BitLinearOp {
+    fn name(&self) -> &'static str {
+        "bitnet-bitlinear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (mut y, shape) = self.output(xs, xl, ws, wl)?;
+        let r = f32_slice(rs, rl, "bitlinear residual")?;
+        if rl.shape() != &shape {
+            candle_core::bail!(
+                "bitlinear: residual {:?} for outputs {:?}",
+                rl.dims(),
+                shape.dims()
+            );
+        }
+        y.par_chunks_mut(4096)
+            .zip(r.par_chunks(4096))
+            .for_each(|(y, r)| y.iter_mut().zip(r).for_each(|(y, &r)| *y += r));
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.grads(x, w, grad)?;
+        Ok((Some(dx), Some(dw), Some(grad.clone())))
+    }
+}
+
+/// The fused layer for one call, its scale computed as the composition computes it.
+fn op(w: &Tensor) -> Result<BitLinearOp> {
+    let s_w = crate::bitlinear::weight_scale(w)?
+        .detach()
+        .to_scalar::<f32>()?;
+    Ok(BitLinearOp {
+        s_w,
+        saved: OnceLock::new(),
+    })
 }
 
 /// BitLinear `q(x) @ q(W)^T` of `x [.., in]` and latent weights `w [out, in]` on the CPU, with
 /// the straight-through gradient for both (see the module comment). `x` and `w` must be f32
 /// CPU tensors.
 pub fn bitlinear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let s_w = crate::bitlinear::weight_scale(w)?
-        .detach()
-        .to_scalar::<f32>()?;
-    let op = BitLinearOp {
-        s_w,
-        saved: OnceLock::new(),
-    };
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op)?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, op(w)?)?)
+}
+
+/// `r + bitlinear(x, w)` as one operation (`r` has the output's shape): the residual stream's
+/// addition without a node of its own, whose gradient candle would zero-fill and add.
+pub fn bitlinear_add(x: &Tensor, w: &Tensor, r: &Tensor) -> Result<Tensor> {
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &r.contiguous()?, op(w)?)?)
 }
 
 #[cfg(test)]
@@ -220,6 +301,39 @@ mod tests {
                 let scale = max_abs(b);
                 assert!(diff(a, b) <= 1e-6 * scale, "{} of {scale}", diff(a, b));
             }
+        }
+    }
+
+    #[test]
+    fn residual_form_is_the_layer_plus_the_residual() {
+        let (rows, k, n) = (70, 96, 40);
+        let var = |len: usize, dims: (usize, usize), seed: u64, scale: f64| {
+            Var::from_tensor(
+                &Tensor::from_vec(randn(len, seed, scale), dims, &Device::Cpu).unwrap(),
+            )
+            .unwrap()
+        };
+        let x = var(rows * k, (rows, k), 1, 1.0);
+        let r = var(rows * n, (rows, n), 2, 1.0);
+        let w = var(n * k, (n, k), 3, 0.02);
+        let layer = BitLinear::new(w.clone(), true).unwrap();
+        let fused = layer.forward_add(x.as_tensor(), r.as_tensor()).unwrap();
+        let plain = r
+            .as_tensor()
+            .add(&layer.forward(x.as_tensor()).unwrap())
+            .unwrap();
+        // The same layer output plus the same f32 addition: equal bits.
+        assert_eq!(
+            fused.to_vec2::<f32>().unwrap(),
+            plain.to_vec2::<f32>().unwrap()
+        );
+        let up = Tensor::from_vec(randn(rows * n, 4, 1.0), (rows, n), &Device::Cpu).unwrap();
+        let (ga, gb) = (weighted_grads(&fused, &up), weighted_grads(&plain, &up));
+        for v in [&x, &w, &r] {
+            assert_eq!(
+                ga.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap(),
+                gb.get(v.as_tensor()).unwrap().to_vec2::<f32>().unwrap()
+            );
         }
     }
 }

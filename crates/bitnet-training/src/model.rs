@@ -232,7 +232,7 @@ impl Transformer {
             let h = self.linear_input(&x, &blk.attn_norm)?;
             let a = self.attention(blk, &h, &rope, composed.as_ref())?;
             let a = self.linear_input(&a, &blk.attn_sub_norm)?;
-            x = x.add(&blk.o_proj.forward(&a)?)?;
+            x = blk.o_proj.forward_add(&a, &x)?;
             let h = self.linear_input(&x, &blk.ffn_norm)?;
             let g = blk.gate_proj.forward(&h)?;
             let u = blk.up_proj.forward(&h)?;
@@ -242,7 +242,7 @@ impl Transformer {
                 g.relu()?.sqr()?.mul(&u)?
             };
             let m = self.linear_input(&gated, &blk.ffn_sub_norm)?;
-            x = x.add(&blk.down_proj.forward(&m)?)?;
+            x = blk.down_proj.forward_add(&m, &x)?;
         }
         let x = if x.device().is_cpu() {
             crate::fused::rms_norm(&x, self.final_norm.as_tensor(), s.rms_norm_eps)?
