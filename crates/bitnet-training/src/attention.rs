@@ -19,7 +19,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::f32_slice;
+use crate::fused::{f32_slice, zeroed};
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
 
@@ -350,7 +350,7 @@ impl CustomOp3 for CausalAttention {
         );
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
         let kernels = Kernels::get();
-        let mut y = vec![0f32; b * qn];
+        let mut y = zeroed(b * qn);
         y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
             let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
             self.forward_row(kernels, rows, y);
@@ -379,9 +379,9 @@ impl CustomOp3 for CausalAttention {
         let [q_, k_, v_, y_, dy_] = data;
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
         let kernels = Kernels::get();
-        let mut dq = vec![0f32; b * qn];
-        let mut dk = vec![0f32; b * kn];
-        let mut dv = vec![0f32; b * kn];
+        let mut dq = zeroed(b * qn);
+        let mut dk = zeroed(b * kn);
+        let mut dv = zeroed(b * kn);
         dq.par_chunks_mut(qn.max(1))
             .zip(
                 dk.par_chunks_mut(kn.max(1))

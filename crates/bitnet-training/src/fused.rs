@@ -21,7 +21,7 @@ impl CustomOp1 for ActQuantSte {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "activation quantization")?;
         let n = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         for (row, o) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
             let amax = row.iter().fold(0f32, |m, &v| m.max(v.abs()));
             let s = (1.0 / amax.max(crate::bitlinear::QUANT_EPS as f32)) * 127.0;
@@ -46,6 +46,16 @@ impl CustomOp1 for ActQuantSte {
 /// `x + (quantize_activations(x) - x).detach()`.
 pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op1(ActQuantSte)?)
+}
+
+/// A zeroed buffer of `n` values for an operation's output, zeroed by the thread pool: these
+/// operations are called from the one thread that runs candle's graph, and a serial zero-fill
+/// of each activation-sized output would leave the other cores waiting.
+pub(crate) fn zeroed<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(n);
+    v.par_extend(rayon::iter::repeat_n(T::default(), n));
+    v
 }
 
 /// Rows per parallel task: fixed, so that reductions over rows (the norm-gain gradient) add
@@ -98,7 +108,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         if xl.dims().last() != Some(&n) {
             candle_core::bail!("rms norm: gain of {n} for rows of {:?}", xl.dims());
         }
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         out.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(x.par_chunks(n * ROWS_PER_TASK))
             .for_each(|(o, x)| {
@@ -150,7 +160,7 @@ impl candle_core::CustomOp3 for RmsNormGradX {
         let w = f32_slice(ws, wl, "rms norm grad")?;
         let g = f32_slice(gs, gl, "rms norm grad")?;
         let n = w.len();
-        let mut out = vec![0f32; x.len()];
+        let mut out = zeroed(x.len());
         out.par_chunks_mut(n * ROWS_PER_TASK)
             .zip(
                 x.par_chunks(n * ROWS_PER_TASK)
@@ -331,7 +341,7 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
         let targets = u32_slice(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
         let k = self.scale / n as f32;
-        let mut out = vec![0f32; logits.len()];
+        let mut out = zeroed(logits.len());
         out.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(
                 logits
@@ -379,7 +389,7 @@ impl candle_core::CustomOp2 for Relu2Gate {
         if g.len() != u.len() {
             candle_core::bail!("relu2 gate: {} gates for {} values", g.len(), u.len());
         }
-        let mut out = vec![0f32; g.len()];
+        let mut out = zeroed(g.len());
         out.par_chunks_mut(1 << 16)
             .zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16)))
             .for_each(|(o, (g, u))| {
@@ -428,7 +438,7 @@ impl candle_core::CustomOp3 for Relu2GateGrad {
         let g = f32_slice(gs, gl, "relu2 gate grad")?;
         let u = f32_slice(us, ul, "relu2 gate grad")?;
         let d = f32_slice(ds, dl, "relu2 gate grad")?;
-        let mut out = vec![0f32; g.len()];
+        let mut out = zeroed(g.len());
         let c = 1 << 16;
         out.par_chunks_mut(c)
             .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))

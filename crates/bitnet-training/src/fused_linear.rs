@@ -22,7 +22,7 @@ use bitnet_quant::ternary::TernaryMatrix;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::f32_slice;
+use crate::fused::{f32_slice, zeroed};
 use crate::Result;
 
 /// Rows (tokens) per parallel task when quantizing or dequantizing activations.
@@ -75,7 +75,7 @@ impl BitLinearOp {
             .map_err(|e| candle_core::Error::Msg(format!("bitlinear: {e}")))?;
         let layer = PackedLinear::new(matrix, WeightScale::Inverse(self.s_w));
         let k = layer.padded_in();
-        let mut xq = vec![0i8; rows * k];
+        let mut xq = zeroed(rows * k);
         let mut s_x = vec![0f32; rows];
         xq.par_chunks_mut(k * ROWS_PER_TASK)
             .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
@@ -85,8 +85,8 @@ impl BitLinearOp {
                     *s = quantize_activations(x, q);
                 }
             });
-        let mut acc = vec![0i32; rows * out_f];
-        let mut y = vec![0f32; rows * out_f];
+        let mut acc = zeroed(rows * out_f);
+        let mut y = zeroed(rows * out_f);
         layer.forward_quantized(Kernels::get(), &xq, &s_x, &mut acc, &mut y);
         // One forward per op value (a fresh op per call), so this is set once.
         let _ = self.saved.set(Saved {
@@ -120,7 +120,7 @@ impl BitLinearOp {
             .map(|&c| c as f32 / self.s_w)
             .collect();
         let w_eff = Tensor::from_vec(w_eff, (out_f, in_f), dev)?;
-        let mut x_eff = vec![0f32; rows * in_f];
+        let mut x_eff = zeroed(rows * in_f);
         x_eff
             .par_chunks_mut(in_f * ROWS_PER_TASK)
             .zip(saved.xq.par_chunks(saved.padded_in * ROWS_PER_TASK))
