@@ -16,10 +16,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{f32_slice, zeroed};
+use crate::fused::{f32_slice, with_cpu_f32, zeroed};
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
 
@@ -368,36 +368,29 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = self.batch_and_len(q.dims(), k.dims(), v.dims())?;
         let dy = dy.contiguous()?;
-        let guards = [q, k, v, y, &dy].map(|x| x.storage_and_layout());
-        let mut data = [&[][..]; 5];
-        for (slot, (s, l)) in data.iter_mut().zip(&guards) {
-            let Storage::Cpu(s) = &**s else {
-                candle_core::bail!("causal attention runs on the CPU only");
-            };
-            *slot = f32_slice(s, l, ATT)?;
-        }
-        let [q_, k_, v_, y_, dy_] = data;
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
         let kernels = Kernels::get();
         let mut dq = zeroed(b * qn);
         let mut dk = zeroed(b * kn);
         let mut dv = zeroed(b * kn);
-        dq.par_chunks_mut(qn.max(1))
-            .zip(
-                dk.par_chunks_mut(kn.max(1))
-                    .zip(dv.par_chunks_mut(kn.max(1))),
-            )
-            .enumerate()
-            .for_each(|(r, (dq, (dk, dv)))| {
-                let rows = (
-                    &q_[r * qn..][..qn],
-                    &k_[r * kn..][..kn],
-                    &v_[r * kn..][..kn],
-                );
-                let out = (&y_[r * qn..][..qn], &dy_[r * qn..][..qn]);
-                self.backward_row(kernels, rows, out, (dq, dk, dv));
-            });
-        drop(guards);
+        with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
+            dq.par_chunks_mut(qn.max(1))
+                .zip(
+                    dk.par_chunks_mut(kn.max(1))
+                        .zip(dv.par_chunks_mut(kn.max(1))),
+                )
+                .enumerate()
+                .for_each(|(r, (dq, (dk, dv)))| {
+                    let rows = (
+                        &q_[r * qn..][..qn],
+                        &k_[r * kn..][..kn],
+                        &v_[r * kn..][..kn],
+                    );
+                    let out = (&y_[r * qn..][..qn], &dy_[r * qn..][..qn]);
+                    self.backward_row(kernels, rows, out, (dq, dk, dv));
+                });
+            Ok(())
+        })?;
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

@@ -77,6 +77,25 @@ pub(crate) fn f32_slice<'a>(
     Ok(&data[a..b])
 }
 
+/// Runs `f` on the contiguous f32 data of CPU tensors, for the parts of a fused operation
+/// that work on tensors (a backward pass, an optimizer step) rather than on the storages candle
+/// hands to `cpu_fwd`. Errors name `what`.
+pub(crate) fn with_cpu_f32<const N: usize, R>(
+    tensors: [&Tensor; N],
+    what: &str,
+    f: impl FnOnce([&[f32]; N]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut data = [&[][..]; N];
+    for (slot, (s, l)) in data.iter_mut().zip(&guards) {
+        let candle_core::Storage::Cpu(s) = &**s else {
+            candle_core::bail!("{what} runs on the CPU only");
+        };
+        *slot = f32_slice(s, l, what)?;
+    }
+    f(data)
+}
+
 /// `1 / sqrt(mean(x^2) + eps)` of one row.
 #[inline]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {

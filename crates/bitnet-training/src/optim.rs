@@ -179,7 +179,6 @@ fn update_cpu(
     c: &Coefficients,
     keep: f64,
 ) -> Result<Tensor> {
-    use candle_core::Storage;
     use rayon::prelude::*;
     let (p, g) = (p.contiguous()?, g.contiguous()?);
     let (m, v) = (st.m.contiguous()?, st.v.contiguous()?);
@@ -189,52 +188,50 @@ fn update_cpu(
         crate::fused::zeroed::<f32>(n),
         crate::fused::zeroed::<f32>(n),
     );
-    {
-        let guards = [&p, &g, &m, &v].map(|t| t.storage_and_layout());
-        let mut data = [&[][..]; 4];
-        for (slot, (s, l)) in data.iter_mut().zip(&guards) {
-            let Storage::Cpu(s) = &**s else {
-                return Err(TrainError::Invalid("AdamW: tensors not on the CPU".into()));
-            };
-            *slot = crate::fused::f32_slice(s, l, "AdamW")?;
-        }
-        let [p, g, m, v] = data;
+    let f = |x: f64| x as f32;
+    let (gscale, b1, nb1, b2, nb2) = (
+        f(c.gscale),
+        f(c.beta1),
+        f(1.0 - c.beta1),
+        f(c.beta2),
+        f(1.0 - c.beta2),
+    );
+    let (ibc1, ibc2, eps, lr, keep) = (f(c.inv_bc1), f(c.inv_bc2), f(c.eps), f(c.lr), f(keep));
+    crate::fused::with_cpu_f32([&p, &g, &m, &v], "AdamW", |[p, g, m, v]| {
         if [g.len(), m.len(), v.len()] != [n; 3] {
-            return Err(TrainError::Invalid(format!(
+            candle_core::bail!(
                 "AdamW: parameter of {n} values with gradient {}, moments {} and {}",
                 g.len(),
                 m.len(),
                 v.len()
-            )));
+            );
         }
-        let f = |x: f64| x as f32;
-        let (gscale, b1, nb1, b2, nb2) = (
-            f(c.gscale),
-            f(c.beta1),
-            f(1.0 - c.beta1),
-            f(c.beta2),
-            f(1.0 - c.beta2),
-        );
-        let (ibc1, ibc2, eps, lr, keep) = (f(c.inv_bc1), f(c.inv_bc2), f(c.eps), f(c.lr), f(keep));
         const CHUNK: usize = 1 << 14;
-        m_next
+        let outputs = m_next
             .par_chunks_mut(CHUNK)
             .zip(v_next.par_chunks_mut(CHUNK))
-            .zip(p_next.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(i, ((mo, vo), po))| {
-                let at = i * CHUNK;
-                for (j, ((mo, vo), po)) in mo.iter_mut().zip(vo).zip(po).enumerate() {
-                    let k = at + j;
-                    let gk = g[k] * gscale + 0.0;
-                    *mo = (m[k] * b1 + 0.0) + (gk * nb1 + 0.0);
-                    *vo = (v[k] * b2 + 0.0) + (gk * gk * nb2 + 0.0);
+            .zip(p_next.par_chunks_mut(CHUNK));
+        let inputs = m
+            .par_chunks(CHUNK)
+            .zip(v.par_chunks(CHUNK))
+            .zip(p.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)));
+        outputs
+            .zip(inputs)
+            .for_each(|(((mo, vo), po), ((m, v), (p, g)))| {
+                let inputs = m.iter().zip(v).zip(p.iter().zip(g));
+                for (((mo, vo), po), ((&m, &v), (&p, &g))) in
+                    mo.iter_mut().zip(vo).zip(po).zip(inputs)
+                {
+                    let gk = g * gscale + 0.0;
+                    *mo = (m * b1 + 0.0) + (gk * nb1 + 0.0);
+                    *vo = (v * b2 + 0.0) + (gk * gk * nb2 + 0.0);
                     let denom = (*vo * ibc2 + 0.0).sqrt() * 1.0 + eps;
                     let update = (*mo * ibc1 + 0.0) / denom;
-                    *po = (p[k] * keep + 0.0) - (update * lr + 0.0);
+                    *po = (p * keep + 0.0) - (update * lr + 0.0);
                 }
             });
-    }
+        Ok(())
+    })?;
     let dev = p.device();
     st.m = Tensor::from_vec(m_next, st.m.shape(), dev)?;
     st.v = Tensor::from_vec(v_next, st.v.shape(), dev)?;
