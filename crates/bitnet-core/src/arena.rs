@@ -4,30 +4,42 @@
 /// they are cut from a few long vectors that only grow when a step needs more than any step
 /// before it (a longer prompt, a bigger batch). After the first step of a given size the
 /// decode loop allocates nothing; [`ScratchArena::growths`] counts the times it had to.
+///
+/// Every buffer starts on a 64-byte boundary. The SIMD kernels load activation rows 32 bytes
+/// at a time; rows that start 16 bytes into a cache line (what the allocator gives a large
+/// `Vec`) split every other load across two lines, which made the AVX2 ternary products
+/// 6-10% slower on a Zen 3 core (2560 x 2560, 64 tokens, one thread).
 #[derive(Debug, Default)]
 pub struct ScratchArena {
-    f32s: Vec<f32>,
-    i8s: Vec<i8>,
-    i32s: Vec<i32>,
+    f32s: Vec<Line>,
+    i8s: Vec<Line>,
+    i32s: Vec<Line>,
     growths: usize,
 }
 
-/// Cuts `buf` into consecutive disjoint slices of the given lengths, growing it first if needed.
-fn carve_from<'a, T: Copy + Default, const N: usize>(
-    buf: &'a mut Vec<T>,
+/// One cache line of arena memory: the unit the arena grows and cuts by.
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// Cuts `buf` into consecutive disjoint slices of the given lengths, each starting on a line,
+/// growing it first if needed.
+fn carve_from<'a, T: bytemuck::Pod, const N: usize>(
+    buf: &'a mut Vec<Line>,
     lens: [usize; N],
     growths: &mut usize,
 ) -> [&'a mut [T]; N] {
-    let total: usize = lens.iter().sum();
+    let per_line = std::mem::size_of::<Line>() / std::mem::size_of::<T>();
+    let total: usize = lens.iter().map(|n| n.div_ceil(per_line)).sum();
     if buf.len() < total {
         *growths += 1;
-        buf.resize(total, T::default());
+        buf.resize(total, Line([0; 64]));
     }
-    let mut rest: &'a mut [T] = &mut buf[..total];
+    let mut rest: &'a mut [Line] = &mut buf[..total];
     std::array::from_fn(|k| {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(lens[k]);
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(lens[k].div_ceil(per_line));
         rest = tail;
-        head
+        &mut bytemuck::cast_slice_mut::<Line, T>(head)[..lens[k]]
     })
 }
 
@@ -60,7 +72,7 @@ impl ScratchArena {
 
     /// Bytes held.
     pub fn capacity_bytes(&self) -> usize {
-        self.f32s.len() * 4 + self.i8s.len() + self.i32s.len() * 4
+        (self.f32s.len() + self.i8s.len() + self.i32s.len()) * std::mem::size_of::<Line>()
     }
 }
 
@@ -85,5 +97,22 @@ mod tests {
         assert_eq!(a.growths(), 2, "smaller requests must reuse the arena");
         let _ = a.carve([100], [], []);
         assert_eq!(a.growths(), 3);
+    }
+
+    #[test]
+    fn every_buffer_starts_on_a_cache_line() {
+        let mut a = ScratchArena::new();
+        let ([x, y, z], [p, q], [r, s]) = a.carve([3, 17, 1], [5, 130], [1, 33]);
+        let starts = [
+            x.as_ptr() as usize,
+            y.as_ptr() as usize,
+            z.as_ptr() as usize,
+            p.as_ptr() as usize,
+            q.as_ptr() as usize,
+            r.as_ptr() as usize,
+            s.as_ptr() as usize,
+        ];
+        assert!(starts.iter().all(|a| a % 64 == 0), "{starts:?}");
+        assert_eq!((y.len(), q.len(), s.len()), (17, 130, 33));
     }
 }

@@ -44,6 +44,17 @@ impl AlignedBuffer {
         &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
     }
 
+    /// The bytes as signed values (int8 activation rows: 64-byte aligned, so the SIMD
+    /// kernels' 32-byte loads never straddle two cache lines).
+    pub fn as_i8(&self) -> &[i8] {
+        bytemuck::cast_slice(self.as_bytes())
+    }
+
+    /// The bytes as signed values, writable.
+    pub fn as_mut_i8(&mut self) -> &mut [i8] {
+        bytemuck::cast_slice_mut(self.as_mut_bytes())
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len

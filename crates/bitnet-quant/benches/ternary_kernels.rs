@@ -60,10 +60,15 @@ fn activations(cols: usize, tokens: usize) -> Vec<i8> {
     x
 }
 
-/// `tokens` random activation rows of `k` (a layout's padded length) laid end to end.
-fn activations_for(cols: usize, tokens: usize, k: usize) -> Vec<i8> {
+/// `tokens` random activation rows of `k` (a layout's padded length) laid end to end from a
+/// 64-byte boundary, as the engine's scratch arena lays them out.
+fn activations_for(cols: usize, tokens: usize, k: usize) -> AlignedBuffer {
     let one = activations(cols, 1);
-    (0..tokens).flat_map(|_| one[..k].iter().copied()).collect()
+    let mut x = AlignedBuffer::zeroed(tokens * k);
+    for row in x.as_mut_i8().chunks_exact_mut(k) {
+        row.copy_from_slice(&one[..k]);
+    }
+    x
 }
 
 fn gemv(c: &mut Criterion) {
@@ -132,7 +137,7 @@ fn gemm(c: &mut Criterion) {
                         &(),
                         |b, _| {
                             b.iter(|| {
-                                gemm(black_box(w), rb, black_box(&x), tokens, &mut out);
+                                gemm(black_box(w), rb, black_box(x.as_i8()), tokens, &mut out);
                                 black_box(&out);
                             })
                         },

@@ -15,6 +15,7 @@
 
 use std::sync::OnceLock;
 
+use bitnet_core::AlignedBuffer;
 use bitnet_quant::bitlinear::{BitLinear as PackedLinear, WeightScale};
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::quantize::quantize_activations;
@@ -33,7 +34,7 @@ struct Saved {
     /// Ternary codes of the weights, `[out, in]` row-major.
     codes: Vec<i8>,
     /// Int8 codes of the input rows, each padded to `padded_in`.
-    xq: Vec<i8>,
+    xq: AlignedBuffer,
     /// Per-row activation scales `s_x`.
     s_x: Vec<f32>,
     padded_in: usize,
@@ -75,9 +76,11 @@ impl BitLinearOp {
             .map_err(|e| candle_core::Error::Msg(format!("bitlinear: {e}")))?;
         let layer = PackedLinear::new(matrix, WeightScale::Inverse(self.s_w));
         let k = layer.padded_in();
-        let mut xq = zeroed(rows * k);
+        // Aligned rows: the products' activation loads then never split a cache line.
+        let mut xq = AlignedBuffer::zeroed(rows * k);
         let mut s_x = vec![0f32; rows];
-        xq.par_chunks_mut(k * ROWS_PER_TASK)
+        xq.as_mut_i8()
+            .par_chunks_mut(k * ROWS_PER_TASK)
             .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(in_f * ROWS_PER_TASK))
             .for_each(|((q, s), x)| {
@@ -87,7 +90,7 @@ impl BitLinearOp {
             });
         let mut acc = zeroed(rows * out_f);
         let mut y = zeroed(rows * out_f);
-        layer.forward_quantized(Kernels::get(), &xq, &s_x, &mut acc, &mut y);
+        layer.forward_quantized(Kernels::get(), xq.as_i8(), &s_x, &mut acc, &mut y);
         // One forward per op value (a fresh op per call), so this is set once.
         let _ = self.saved.set(Saved {
             codes,
@@ -123,7 +126,7 @@ impl BitLinearOp {
         let mut x_eff = zeroed(rows * in_f);
         x_eff
             .par_chunks_mut(in_f * ROWS_PER_TASK)
-            .zip(saved.xq.par_chunks(saved.padded_in * ROWS_PER_TASK))
+            .zip(saved.xq.as_i8().par_chunks(saved.padded_in * ROWS_PER_TASK))
             .zip(saved.s_x.par_chunks(ROWS_PER_TASK))
             .for_each(|((o, q), s)| {
                 for ((o, q), &s) in o
