@@ -176,15 +176,77 @@ impl Dims {
 }
 
 /// One batch row's `q`, `k`, `v`.
-type RowArgs<'a> = (&'a [f32], &'a [f32], &'a [f32]);
+pub(crate) type RowArgs<'a> = (&'a [f32], &'a [f32], &'a [f32]);
 
-struct CausalAttention {
+pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     rope: RopeAngles,
 }
 
 impl CausalAttention {
+    /// The operation for `heads` query heads over `kv_heads` KV heads, RoPE by `rope` (whose
+    /// angles fix the head size).
+    pub(crate) fn new(heads: usize, kv_heads: usize, rope: &RopeAngles) -> Result<Self> {
+        let head_dim = 2 * rope.half;
+        if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
+            return Err(candle_core::Error::Msg(format!(
+                "causal attention: {heads} heads over {kv_heads} KV heads of {head_dim}"
+            ))
+            .into());
+        }
+        Ok(CausalAttention {
+            dims: Dims {
+                heads,
+                kv_heads,
+                head_dim,
+            },
+            scale: (1.0 / (head_dim as f64).sqrt()) as f32,
+            rope: rope.clone(),
+        })
+    }
+
+    /// The outputs `[b, t, q_width]` for `b` batch rows of `t` positions of `q`, `k`, `v`
+    /// (laid out as [`causal_attention`] takes them), one task per batch row.
+    pub(crate) fn forward_rows(&self, (q, k, v): RowArgs, b: usize, t: usize) -> Vec<f32> {
+        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let kernels = Kernels::get();
+        let mut y = zeroed(b * qn);
+        y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
+            let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
+            self.forward_row(kernels, rows, y);
+        });
+        y
+    }
+
+    /// The gradients `(dq, dk, dv)` for `b` batch rows of `t` positions, from the arguments,
+    /// the outputs `y` of [`Self::forward_rows`] and their gradient `dy`.
+    pub(crate) fn backward_rows(
+        &self,
+        (q, k, v): RowArgs,
+        (y, dy): (&[f32], &[f32]),
+        b: usize,
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let kernels = Kernels::get();
+        let mut dq = zeroed(b * qn);
+        let mut dk = zeroed(b * kn);
+        let mut dv = zeroed(b * kn);
+        dq.par_chunks_mut(qn.max(1))
+            .zip(
+                dk.par_chunks_mut(kn.max(1))
+                    .zip(dv.par_chunks_mut(kn.max(1))),
+            )
+            .enumerate()
+            .for_each(|(r, (dq, (dk, dv)))| {
+                let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
+                let out = (&y[r * qn..][..qn], &dy[r * qn..][..qn]);
+                self.backward_row(kernels, rows, out, (dq, dk, dv));
+            });
+        (dq, dk, dv)
+    }
+
     /// Checks the argument shapes and returns `(batch, t)`.
     fn batch_and_len(
         &self,
@@ -348,14 +410,10 @@ impl CustomOp3 for CausalAttention {
             f32_slice(s2, l2, ATT)?,
             f32_slice(s3, l3, ATT)?,
         );
-        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
-        let kernels = Kernels::get();
-        let mut y = zeroed(b * qn);
-        y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
-            let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
-            self.forward_row(kernels, rows, y);
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((
+            CpuStorage::F32(self.forward_rows((q, k, v), b, t)),
+            l1.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -368,28 +426,8 @@ impl CustomOp3 for CausalAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = self.batch_and_len(q.dims(), k.dims(), v.dims())?;
         let dy = dy.contiguous()?;
-        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
-        let kernels = Kernels::get();
-        let mut dq = zeroed(b * qn);
-        let mut dk = zeroed(b * kn);
-        let mut dv = zeroed(b * kn);
-        with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
-            dq.par_chunks_mut(qn.max(1))
-                .zip(
-                    dk.par_chunks_mut(kn.max(1))
-                        .zip(dv.par_chunks_mut(kn.max(1))),
-                )
-                .enumerate()
-                .for_each(|(r, (dq, (dk, dv)))| {
-                    let rows = (
-                        &q_[r * qn..][..qn],
-                        &k_[r * kn..][..kn],
-                        &v_[r * kn..][..kn],
-                    );
-                    let out = (&y_[r * qn..][..qn], &dy_[r * qn..][..qn]);
-                    self.backward_row(kernels, rows, out, (dq, dk, dv));
-                });
-            Ok(())
+        let (dq, dk, dv) = with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
+            Ok(self.backward_rows((q_, k_, v_), (y_, dy_), b, t))
         })?;
         let dev = q.device();
         Ok((
@@ -412,22 +450,7 @@ pub fn causal_attention(
     kv_heads: usize,
     rope: &RopeAngles,
 ) -> Result<Tensor> {
-    let head_dim = 2 * rope.half;
-    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) || head_dim == 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "causal attention: {heads} heads over {kv_heads} KV heads of {head_dim}"
-        ))
-        .into());
-    }
-    let op = CausalAttention {
-        dims: Dims {
-            heads,
-            kv_heads,
-            head_dim,
-        },
-        scale: (1.0 / (head_dim as f64).sqrt()) as f32,
-        rope: rope.clone(),
-    };
+    let op = CausalAttention::new(heads, kv_heads, rope)?;
     Ok(q.contiguous()?
         .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
 }

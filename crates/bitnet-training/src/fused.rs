@@ -5,6 +5,7 @@
 //! model these passes, not the matrix products, dominate a training step.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::Result;
 use bitnet_quant::kernels::scalar::exp_nonpositive;
@@ -52,7 +53,6 @@ pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
 /// operations are called from the one thread that runs candle's graph, and a serial zero-fill
 /// of each activation-sized output would leave the other cores waiting.
 pub(crate) fn zeroed<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
-    use rayon::prelude::*;
     let mut v = Vec::with_capacity(n);
     v.par_extend(rayon::iter::repeat_n(T::default(), n));
     v
@@ -103,6 +103,76 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
+/// RMSNorm `x * inv_rms(x) * w` of each `w.len()`-wide row of `x`.
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut out = zeroed(x.len());
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(x.par_chunks(n * ROWS_PER_TASK))
+        .for_each(|(o, x)| {
+            for (o, row) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
+                let r = inv_rms(row, eps);
+                for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
+                    *oi = xi * r * wi;
+                }
+            }
+        });
+    out
+}
+
+/// The input gradient of [`rms_norm_rows`] for output gradient `g`:
+/// `dx = r * (g * w) - x * r^3 * mean(g * w * x)` per row.
+pub(crate) fn rms_norm_grad_x(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
+    let n = w.len();
+    let mut out = zeroed(x.len());
+    out.par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(
+            x.par_chunks(n * ROWS_PER_TASK)
+                .zip(g.par_chunks(n * ROWS_PER_TASK)),
+        )
+        .for_each(|(o, (x, g))| {
+            for ((o, row), gr) in o
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(g.chunks_exact(n))
+            {
+                let r = inv_rms(row, eps);
+                let dot: f32 = gr.iter().zip(w).zip(row).map(|((g, w), x)| g * w * x).sum();
+                let c = r * r * r * dot / n as f32;
+                for (((oi, &gi), &wi), &xi) in o.iter_mut().zip(gr).zip(w).zip(row) {
+                    *oi = r * gi * wi - xi * c;
+                }
+            }
+        });
+    out
+}
+
+/// The gain's gradient of [`rms_norm_rows`] over rows of `n`: `dw = sum over rows of g * x * r`
+/// (per-task partial sums added in task order, so the same bits for any thread count).
+pub(crate) fn rms_norm_grad_w(x: &[f32], g: &[f32], n: usize, eps: f32) -> Vec<f32> {
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(n * ROWS_PER_TASK)
+        .zip(g.par_chunks(n * ROWS_PER_TASK))
+        .map(|(x, g)| {
+            let mut acc = vec![0f32; n];
+            for (row, gr) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
+                let r = inv_rms(row, eps);
+                for ((a, &xi), &gi) in acc.iter_mut().zip(row).zip(gr) {
+                    *a += gi * xi * r;
+                }
+            }
+            acc
+        })
+        .collect();
+    let mut dw = vec![0f32; n];
+    for p in &partials {
+        for (d, v) in dw.iter_mut().zip(p) {
+            *d += v;
+        }
+    }
+    dw
+}
+
 /// RMSNorm `y = x * inv_rms(x) * w` over the last dimension.
 struct RmsNorm {
     eps: f32,
@@ -120,25 +190,16 @@ impl candle_core::CustomOp2 for RmsNorm {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let x = f32_slice(xs, xl, "rms norm")?;
         let w = f32_slice(ws, wl, "rms norm")?;
         let n = w.len();
         if xl.dims().last() != Some(&n) {
             candle_core::bail!("rms norm: gain of {n} for rows of {:?}", xl.dims());
         }
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(n * ROWS_PER_TASK)
-            .zip(x.par_chunks(n * ROWS_PER_TASK))
-            .for_each(|(o, x)| {
-                for (o, row) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                    let r = inv_rms(row, self.eps);
-                    for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
-                        *oi = xi * r * wi;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(rms_norm_rows(x, w, self.eps)),
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -174,32 +235,13 @@ impl candle_core::CustomOp3 for RmsNormGradX {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let x = f32_slice(xs, xl, "rms norm grad")?;
         let w = f32_slice(ws, wl, "rms norm grad")?;
         let g = f32_slice(gs, gl, "rms norm grad")?;
-        let n = w.len();
-        let mut out = zeroed(x.len());
-        out.par_chunks_mut(n * ROWS_PER_TASK)
-            .zip(
-                x.par_chunks(n * ROWS_PER_TASK)
-                    .zip(g.par_chunks(n * ROWS_PER_TASK)),
-            )
-            .for_each(|(o, (x, g))| {
-                for ((o, row), gr) in o
-                    .chunks_exact_mut(n)
-                    .zip(x.chunks_exact(n))
-                    .zip(g.chunks_exact(n))
-                {
-                    let r = inv_rms(row, self.eps);
-                    let dot: f32 = gr.iter().zip(w).zip(row).map(|((g, w), x)| g * w * x).sum();
-                    let c = r * r * r * dot / n as f32;
-                    for (((oi, &gi), &wi), &xi) in o.iter_mut().zip(gr).zip(w).zip(row) {
-                        *oi = r * gi * wi - xi * c;
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(rms_norm_grad_x(x, w, g, self.eps)),
+            xl.shape().clone(),
+        ))
     }
 }
 
@@ -220,31 +262,13 @@ impl candle_core::CustomOp2 for RmsNormGradW {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let x = f32_slice(xs, xl, "rms norm grad")?;
         let g = f32_slice(gs, gl, "rms norm grad")?;
         let n = *xl.dims().last().unwrap_or(&1);
-        let partials: Vec<Vec<f32>> = x
-            .par_chunks(n * ROWS_PER_TASK)
-            .zip(g.par_chunks(n * ROWS_PER_TASK))
-            .map(|(x, g)| {
-                let mut acc = vec![0f32; n];
-                for (row, gr) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
-                    let r = inv_rms(row, self.eps);
-                    for ((a, &xi), &gi) in acc.iter_mut().zip(row).zip(gr) {
-                        *a += gi * xi * r;
-                    }
-                }
-                acc
-            })
-            .collect();
-        let mut dw = vec![0f32; n];
-        for p in &partials {
-            for (d, v) in dw.iter_mut().zip(p) {
-                *d += v;
-            }
-        }
-        Ok((CpuStorage::F32(dw), Shape::from(n)))
+        Ok((
+            CpuStorage::F32(rms_norm_grad_w(x, g, n, self.eps)),
+            Shape::from(n),
+        ))
     }
 }
 
@@ -301,7 +325,6 @@ impl candle_core::CustomOp2 for CrossEntropy {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let logits = f32_slice(ls, ll, "cross-entropy")?;
         let targets = u32_slice(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
@@ -355,7 +378,6 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let logits = f32_slice(ls, ll, "cross-entropy grad")?;
         let targets = u32_slice(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
@@ -387,6 +409,37 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         .apply_op2(&targets.contiguous()?, CrossEntropy)?)
 }
 
+/// Elements per parallel task of the element-wise gate.
+const GATE_CHUNK: usize = 1 << 16;
+
+/// `relu(g)^2 * u` element-wise.
+pub(crate) fn relu2_gate_values(g: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut out = zeroed(g.len());
+    out.par_chunks_mut(GATE_CHUNK)
+        .zip(g.par_chunks(GATE_CHUNK).zip(u.par_chunks(GATE_CHUNK)))
+        .for_each(|(o, (g, u))| {
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                let r = g.max(0.0);
+                *o = r * r * u;
+            }
+        });
+    out
+}
+
+/// One gradient of [`relu2_gate_values`] for output gradient `d` into `out`: the gate's
+/// `2 relu(g) u d` when `wrt_gate`, else the value's `relu(g)^2 d`.
+pub(crate) fn relu2_gate_grad(g: &[f32], u: &[f32], d: &[f32], wrt_gate: bool, out: &mut [f32]) {
+    let c = GATE_CHUNK;
+    out.par_chunks_mut(c)
+        .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))
+        .for_each(|(o, (g, (u, d)))| {
+            for (((o, &g), &u), &d) in o.iter_mut().zip(g).zip(u).zip(d) {
+                let r = g.max(0.0);
+                *o = if wrt_gate { 2.0 * r * u * d } else { r * r * d };
+            }
+        });
+}
+
 /// `relu(g)^2 * u`, the b1.58 feed-forward gate, fused; gradients `2 relu(g) u` and `relu(g)^2`.
 struct Relu2Gate;
 
@@ -402,22 +455,12 @@ impl candle_core::CustomOp2 for Relu2Gate {
         us: &CpuStorage,
         ul: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let g = f32_slice(gs, gl, "relu2 gate")?;
         let u = f32_slice(us, ul, "relu2 gate")?;
         if g.len() != u.len() {
             candle_core::bail!("relu2 gate: {} gates for {} values", g.len(), u.len());
         }
-        let mut out = zeroed(g.len());
-        out.par_chunks_mut(1 << 16)
-            .zip(g.par_chunks(1 << 16).zip(u.par_chunks(1 << 16)))
-            .for_each(|(o, (g, u))| {
-                for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-                    let r = g.max(0.0);
-                    *o = r * r * u;
-                }
-            });
-        Ok((CpuStorage::F32(out), gl.shape().clone()))
+        Ok((CpuStorage::F32(relu2_gate_values(g, u)), gl.shape().clone()))
     }
 
     fn bwd(
@@ -453,24 +496,11 @@ impl candle_core::CustomOp3 for Relu2GateGrad {
         ds: &CpuStorage,
         dl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use rayon::prelude::*;
         let g = f32_slice(gs, gl, "relu2 gate grad")?;
         let u = f32_slice(us, ul, "relu2 gate grad")?;
         let d = f32_slice(ds, dl, "relu2 gate grad")?;
         let mut out = zeroed(g.len());
-        let c = 1 << 16;
-        out.par_chunks_mut(c)
-            .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))
-            .for_each(|(o, (g, (u, d)))| {
-                for (((o, &g), &u), &d) in o.iter_mut().zip(g).zip(u).zip(d) {
-                    let r = g.max(0.0);
-                    *o = if self.wrt_gate {
-                        2.0 * r * u * d
-                    } else {
-                        r * r * d
-                    };
-                }
-            });
+        relu2_gate_grad(g, u, d, self.wrt_gate, &mut out);
         Ok((CpuStorage::F32(out), gl.shape().clone()))
     }
 }

@@ -29,15 +29,120 @@ use crate::Result;
 /// Rows (tokens) per parallel task when quantizing or dequantizing activations.
 const ROWS_PER_TASK: usize = 64;
 
+/// Input rows quantized as BitLinear's activation quantizer does: int8 codes (each row padded
+/// to the layer's `padded_in`, 64-byte aligned so the products' loads never split a cache
+/// line) and one scale `s_x` per row.
+pub(crate) struct QuantizedRows {
+    xq: AlignedBuffer,
+    s_x: Vec<f32>,
+    in_f: usize,
+    padded_in: usize,
+}
+
+impl QuantizedRows {
+    /// Quantizes the `in_f`-wide rows of `x` into rows of `padded_in` codes.
+    pub(crate) fn new(x: &[f32], in_f: usize, padded_in: usize) -> Self {
+        let rows = x.len() / in_f.max(1);
+        let mut xq = AlignedBuffer::zeroed(rows * padded_in);
+        let mut s_x = vec![0f32; rows];
+        xq.as_mut_i8()
+            .par_chunks_mut(padded_in * ROWS_PER_TASK)
+            .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
+            .zip(x.par_chunks(in_f * ROWS_PER_TASK))
+            .for_each(|((q, s), x)| {
+                for ((q, s), x) in q
+                    .chunks_exact_mut(padded_in)
+                    .zip(s)
+                    .zip(x.chunks_exact(in_f))
+                {
+                    *s = quantize_activations(x, q);
+                }
+            });
+        QuantizedRows {
+            xq,
+            s_x,
+            in_f,
+            padded_in,
+        }
+    }
+
+    /// The values the forward pass multiplied, `q / s_x`, as `[rows, in_f]` f32.
+    pub(crate) fn dequantized(&self) -> Vec<f32> {
+        let (in_f, padded_in) = (self.in_f, self.padded_in);
+        let mut x_eff = zeroed(self.s_x.len() * in_f);
+        x_eff
+            .par_chunks_mut(in_f * ROWS_PER_TASK)
+            .zip(self.xq.as_i8().par_chunks(padded_in * ROWS_PER_TASK))
+            .zip(self.s_x.par_chunks(ROWS_PER_TASK))
+            .for_each(|((o, q), s)| {
+                for ((o, q), &s) in o
+                    .chunks_exact_mut(in_f)
+                    .zip(q.chunks_exact(padded_in))
+                    .zip(s)
+                {
+                    for (o, &q) in o.iter_mut().zip(q) {
+                        *o = q as f32 / s;
+                    }
+                }
+            });
+        x_eff
+    }
+
+    /// Number of rows.
+    pub(crate) fn rows(&self) -> usize {
+        self.s_x.len()
+    }
+}
+
+/// A layer's latent weights quantized for one forward pass: ternary codes with the scale
+/// `s_w`, packed for the engine's kernels.
+pub(crate) struct TernaryLinear {
+    codes: Vec<i8>,
+    s_w: f32,
+    packed: PackedLinear,
+}
+
+impl TernaryLinear {
+    /// Quantizes latent weights `w [out_f, in_f]` with scale `s_w`.
+    pub(crate) fn new(w: &[f32], out_f: usize, in_f: usize, s_w: f32) -> candle_core::Result<Self> {
+        let codes: Vec<i8> = w.par_iter().map(|&v| weight_code(v, s_w)).collect();
+        let matrix = TernaryMatrix::from_codes(&codes, out_f, in_f)
+            .map_err(|e| candle_core::Error::Msg(format!("bitlinear: {e}")))?;
+        Ok(TernaryLinear {
+            codes,
+            s_w,
+            packed: PackedLinear::new(matrix, WeightScale::Inverse(s_w)),
+        })
+    }
+
+    /// Input rows padded as this layer's kernels read them.
+    pub(crate) fn padded_in(&self) -> usize {
+        self.packed.padded_in()
+    }
+
+    /// `y = acc / (s_x * s_w)` of the exact integer products, `[rows, out_f]`.
+    pub(crate) fn forward(&self, x: &QuantizedRows) -> Vec<f32> {
+        let out_f = self.packed.out_features();
+        let mut acc = zeroed(x.rows() * out_f);
+        let mut y = zeroed(x.rows() * out_f);
+        self.packed
+            .forward_quantized(Kernels::get(), x.xq.as_i8(), &x.s_x, &mut acc, &mut y);
+        y
+    }
+
+    /// The weights the forward pass multiplied, `codes / s_w`, `[out_f, in_f]` f32.
+    pub(crate) fn effective(&self) -> Vec<f32> {
+        self.codes
+            .par_iter()
+            .map(|&c| c as f32 / self.s_w)
+            .collect()
+    }
+}
+
 /// What the forward pass quantized, kept for the backward pass.
 struct Saved {
-    /// Ternary codes of the weights, `[out, in]` row-major.
-    codes: Vec<i8>,
-    /// Int8 codes of the input rows, each padded to `padded_in`.
-    xq: AlignedBuffer,
-    /// Per-row activation scales `s_x`.
-    s_x: Vec<f32>,
-    padded_in: usize,
+    weights: TernaryLinear,
+    rows: QuantizedRows,
 }
 
 /// The fused layer for one call: `s_w` fixed by the caller (see the module comment).
@@ -70,34 +175,11 @@ impl BitLinearOp {
                 xl.dims()
             );
         }
-        let rows = x.len() / in_f.max(1);
-        let codes: Vec<i8> = w.par_iter().map(|&v| weight_code(v, self.s_w)).collect();
-        let matrix = TernaryMatrix::from_codes(&codes, out_f, in_f)
-            .map_err(|e| candle_core::Error::Msg(format!("bitlinear: {e}")))?;
-        let layer = PackedLinear::new(matrix, WeightScale::Inverse(self.s_w));
-        let k = layer.padded_in();
-        // Aligned rows: the products' activation loads then never split a cache line.
-        let mut xq = AlignedBuffer::zeroed(rows * k);
-        let mut s_x = vec![0f32; rows];
-        xq.as_mut_i8()
-            .par_chunks_mut(k * ROWS_PER_TASK)
-            .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
-            .zip(x.par_chunks(in_f * ROWS_PER_TASK))
-            .for_each(|((q, s), x)| {
-                for ((q, s), x) in q.chunks_exact_mut(k).zip(s).zip(x.chunks_exact(in_f)) {
-                    *s = quantize_activations(x, q);
-                }
-            });
-        let mut acc = zeroed(rows * out_f);
-        let mut y = zeroed(rows * out_f);
-        layer.forward_quantized(Kernels::get(), xq.as_i8(), &s_x, &mut acc, &mut y);
+        let weights = TernaryLinear::new(w, out_f, in_f, self.s_w)?;
+        let rows = QuantizedRows::new(x, in_f, weights.padded_in());
+        let y = weights.forward(&rows);
         // One forward per op value (a fresh op per call), so this is set once.
-        let _ = self.saved.set(Saved {
-            codes,
-            xq,
-            s_x,
-            padded_in: k,
-        });
+        let _ = self.saved.set(Saved { weights, rows });
         let mut dims = xl.dims().to_vec();
         *dims.last_mut().expect("checked above") = out_f;
         Ok((y, Shape::from(dims)))
@@ -117,29 +199,8 @@ impl BitLinearOp {
         let (out_f, in_f) = w.dims2()?;
         let rows = x.elem_count() / in_f.max(1);
         let dev = x.device();
-        let w_eff: Vec<f32> = saved
-            .codes
-            .par_iter()
-            .map(|&c| c as f32 / self.s_w)
-            .collect();
-        let w_eff = Tensor::from_vec(w_eff, (out_f, in_f), dev)?;
-        let mut x_eff = zeroed(rows * in_f);
-        x_eff
-            .par_chunks_mut(in_f * ROWS_PER_TASK)
-            .zip(saved.xq.as_i8().par_chunks(saved.padded_in * ROWS_PER_TASK))
-            .zip(saved.s_x.par_chunks(ROWS_PER_TASK))
-            .for_each(|((o, q), s)| {
-                for ((o, q), &s) in o
-                    .chunks_exact_mut(in_f)
-                    .zip(q.chunks_exact(saved.padded_in))
-                    .zip(s)
-                {
-                    for (o, &q) in o.iter_mut().zip(q) {
-                        *o = q as f32 / s;
-                    }
-                }
-            });
-        let x_eff = Tensor::from_vec(x_eff, (rows, in_f), dev)?;
+        let w_eff = Tensor::from_vec(saved.weights.effective(), (out_f, in_f), dev)?;
+        let x_eff = Tensor::from_vec(saved.rows.dequantized(), (rows, in_f), dev)?;
         let dy = grad.reshape((rows, out_f))?;
         let dx = dy.matmul(&w_eff)?.reshape(x.shape())?;
         let dw = dy.t()?.matmul(&x_eff)?;

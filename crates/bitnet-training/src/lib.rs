@@ -5,7 +5,9 @@
 //! - [`model`]: the b1.58 transformer the engine runs, from a [`config::ModelShape`];
 //! - [`attention`], [`fused`] and [`fused_linear`]: the CPU's fused operations (attention with
 //!   RoPE and grouped KV heads, RMSNorm, cross-entropy, the gate, and BitLinear itself on the
-//!   engine's integer kernels);
+//!   engine's integer kernels); a training step of the quantized model on the CPU
+//!   ([`model::Transformer::loss_and_grads`]) runs each block as one operation built from them,
+//!   with a hand-written backward pass;
 //! - [`optim`] and [`config::Recipe`]: AdamW, clipping, BitNet's two-stage schedule (or cosine);
 //! - [`data`]: byte-level BPE tokenizer training and shuffled windows;
 //! - [`train`]: the loop with validation, logs and [`checkpoint`]s that resume bit for bit;
@@ -13,6 +15,7 @@
 
 pub mod attention;
 pub mod bitlinear;
+mod block;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

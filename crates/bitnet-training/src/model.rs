@@ -3,10 +3,14 @@
 //! `down_proj`, `relu(gate)^2 * up`, RoPE (rotate-half), grouped-query attention, and an
 //! embedding / final norm / head in full precision.
 
+use std::sync::Arc;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use crate::attention::{causal_attention, RopeAngles};
 use crate::bitlinear::BitLinear;
+use crate::block::{block_forward, GradSink};
 use crate::config::ModelShape;
 use crate::rng::SplitMix64;
 use crate::{Result, TrainError};
@@ -213,6 +217,13 @@ impl Transformer {
     /// Logits `[batch * seq, vocab]`: the loss takes them flat, and every reshape is one more
     /// logits-sized gradient in candle's backward pass.
     fn logits_2d(&self, ids: &Tensor) -> Result<Tensor> {
+        self.logits_with(ids, None)
+    }
+
+    /// [`Self::logits_2d`], with each block one operation when `sink` is given (the quantized
+    /// model on the CPU only: see [`crate::block`]); the blocks' parameter gradients then
+    /// land in `sink`, not in the graph.
+    fn logits_with(&self, ids: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let s = &self.shape;
         let mut x = self
@@ -229,6 +240,11 @@ impl Transformer {
             Some((cos, sin, causal_mask(t, &self.device)?))
         };
         for blk in &self.blocks {
+            if let Some(sink) = sink {
+                let heads = (s.num_heads, s.num_kv_heads);
+                x = block_forward(blk, &x, heads, &rope, s.rms_norm_eps, sink)?;
+                continue;
+            }
             let h = self.linear_input(&x, &blk.attn_norm)?;
             let a = self.attention(blk, &h, &rope, composed.as_ref())?;
             let a = self.linear_input(&a, &blk.attn_sub_norm)?;
@@ -286,10 +302,33 @@ impl Transformer {
 
     /// Mean cross-entropy of next-token prediction over `ids [batch, seq + 1]`.
     pub fn loss(&self, ids: &Tensor) -> Result<Tensor> {
+        self.loss_with(ids, None)
+    }
+
+    /// The loss over `ids` (as [`Self::loss`]) and the gradients of every parameter: what a
+    /// training step needs. The quantized model on the CPU runs each block as one operation
+    /// with a hand-written backward pass ([`crate::block`]): the same forward bits as
+    /// `loss(ids)?.backward()`, gradients equal to f32 rounding, less time spent in candle's
+    /// graph. Elsewhere it is exactly `loss(ids)?.backward()`.
+    pub fn loss_and_grads(&self, ids: &Tensor) -> Result<(Tensor, GradStore)> {
+        if !(self.device.is_cpu() && self.quantize) {
+            let loss = self.loss(ids)?;
+            let grads = loss.backward()?;
+            return Ok((loss, grads));
+        }
+        let sink = Arc::new(GradSink::default());
+        let loss = self.loss_with(ids, Some(&sink))?;
+        let mut grads = loss.backward()?;
+        sink.drain_into(&mut grads)?;
+        Ok((loss, grads))
+    }
+
+    /// [`Self::loss`] with the blocks' parameter gradients going to `sink` when given.
+    fn loss_with(&self, ids: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
         let (_, n) = ids.dims2()?;
         let inputs = ids.narrow(1, 0, n - 1)?.contiguous()?;
         let targets = ids.narrow(1, 1, n - 1)?.flatten_all()?;
-        let flat = self.logits_2d(&inputs)?;
+        let flat = self.logits_with(&inputs, sink)?;
         if flat.device().is_cpu() {
             crate::fused::cross_entropy(&flat, &targets)
         } else {

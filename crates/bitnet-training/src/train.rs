@@ -196,8 +196,7 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
         let (lr, wd) = r.lr_wd(meta.step);
         let batch = sampler.next_batch(r.batch_size);
         let ids = Tensor::from_vec(batch, (r.batch_size, r.seq_len + 1), &device)?;
-        let loss = model.loss(&ids)?;
-        let grads = loss.backward()?;
+        let (loss, grads) = model.loss_and_grads(&ids)?;
         let gnorm = opt.step(&grads, lr, wd, r.grad_clip)?;
         let loss_v = loss.to_scalar::<f32>()? as f64;
         let dt = t0.elapsed().as_secs_f64();

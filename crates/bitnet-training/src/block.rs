@@ -1,0 +1,447 @@
+//! One transformer block of the quantized model on the CPU as a single candle operation, its
+//! backward pass written out by hand.
+//!
+//! Built from the fused per-layer operations, a block is a dozen graph nodes, and candle's
+//! backward pass gives every node's activation-sized input gradient a zero-filled tensor and an
+//! addition, on the one thread that walks the graph while the pool waits (about 90 ms of a
+//! 1.5 s step at the training benchmark's size). As one node, a block has one such input, the
+//! residual stream, and its backward pass runs on the pool. It computes what the per-layer
+//! nodes compute, with the same functions (RMSNorm, BitLinear's exact integer forward and
+//! straight-through products, the attention, the gate), so its forward pass gives the same
+//! bits; its gradients differ from theirs only in the order a few sums are added. Being whole,
+//! it also quantizes the input that q, k and v share once, and that of gate and up.
+//!
+//! A single-input operation cannot hand the parameters' gradients back through candle's graph,
+//! so the block leaves them in a [`GradSink`], which
+//! [`crate::model::Transformer::loss_and_grads`] merges into the gradient store after the
+//! backward pass.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::attention::{CausalAttention, RopeAngles};
+use crate::fused::{
+    f32_slice, relu2_gate_grad, relu2_gate_values, rms_norm_grad_w, rms_norm_grad_x, rms_norm_rows,
+    with_cpu_f32, zeroed,
+};
+use crate::fused_linear::{QuantizedRows, TernaryLinear};
+use crate::model::Block;
+use crate::Result;
+
+/// The operation's name in error messages.
+const BLOCK: &str = "transformer block";
+
+/// Elements per parallel task of the element-wise sums.
+const SUM_CHUNK: usize = 1 << 14;
+
+/// Parameter gradients that block operations hand over outside candle's graph.
+#[derive(Debug, Default)]
+pub(crate) struct GradSink(Mutex<Vec<(Tensor, Tensor)>>);
+
+impl GradSink {
+    fn push(&self, param: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{BLOCK}: gradient sink poisoned")))?
+            .push((param.clone(), grad));
+        Ok(())
+    }
+
+    /// Moves every gradient left here into `grads`, adding it to one already there.
+    pub(crate) fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
+        let mut held = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{BLOCK}: gradient sink poisoned")))?;
+        for (param, grad) in held.drain(..) {
+            let sum = match grads.remove(&param) {
+                Some(prev) => prev.add(&grad)?,
+                None => grad,
+            };
+            grads.insert(&param, sum);
+        }
+        Ok(())
+    }
+}
+
+/// The block's linears, in the order of [`BlockOp::linears`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// The block's norms, in the order of [`BlockOp::norms`].
+const ATTN_NORM: usize = 0;
+const ATTN_SUB_NORM: usize = 1;
+const FFN_NORM: usize = 2;
+const FFN_SUB_NORM: usize = 3;
+
+/// What the forward pass computed and the backward pass reads.
+struct Saved {
+    /// The linears' codes for this pass, in [`BlockOp::linears`] order.
+    weights: Vec<TernaryLinear>,
+    /// Quantized input of q, k and v.
+    hq: QuantizedRows,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention output (the input of `attn_sub_norm`).
+    a: Vec<f32>,
+    /// Quantized input of `o_proj`.
+    aq: QuantizedRows,
+    /// The residual stream after the attention half.
+    x1: Vec<f32>,
+    /// Quantized input of gate and up.
+    h2q: QuantizedRows,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    /// The gate's output (the input of `ffn_sub_norm`).
+    m: Vec<f32>,
+    /// Quantized input of `down_proj`.
+    mq: QuantizedRows,
+}
+
+/// One block for one forward pass (a fresh operation per call).
+pub(crate) struct BlockOp {
+    hidden: usize,
+    ffn: usize,
+    q_width: usize,
+    kv_width: usize,
+    eps: f32,
+    attention: CausalAttention,
+    /// `attn_norm`, `attn_sub_norm`, `ffn_norm`, `ffn_sub_norm` gains.
+    norms: [Tensor; 4],
+    /// q, k, v, o, gate, up, down latent weights with their `s_w` (computed as the per-layer
+    /// operation computes it, so the codes and the exported scale agree).
+    linears: [(Tensor, f32); 7],
+    saved: OnceLock<Saved>,
+    sink: Arc<GradSink>,
+}
+
+/// The elements of `a` plus those of `b`, into `a`.
+fn add_into(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(SUM_CHUNK)
+        .zip(b.par_chunks(SUM_CHUNK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+}
+
+/// The sum of same-shaped CPU tensors, added left to right.
+fn sum_of(parts: &[Tensor]) -> candle_core::Result<Vec<f32>> {
+    let Some((first, rest)) = parts.split_first() else {
+        candle_core::bail!("{BLOCK}: nothing to add");
+    };
+    let mut out = with_cpu_f32([first], BLOCK, |[f]| {
+        let mut v = zeroed(f.len());
+        v.par_chunks_mut(SUM_CHUNK)
+            .zip(f.par_chunks(SUM_CHUNK))
+            .for_each(|(v, f)| v.copy_from_slice(f));
+        Ok(v)
+    })?;
+    for p in rest {
+        with_cpu_f32([p], BLOCK, |[p]| {
+            add_into(&mut out, p);
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+impl BlockOp {
+    /// The operation for `blk` with `heads` / `kv_heads` attention heads, RoPE by `rope`.
+    pub(crate) fn new(
+        blk: &Block,
+        (heads, kv_heads): (usize, usize),
+        rope: &RopeAngles,
+        eps: f32,
+        sink: &Arc<GradSink>,
+    ) -> Result<BlockOp> {
+        let scaled = |l: &crate::bitlinear::BitLinear| -> Result<(Tensor, f32)> {
+            let w = l.weight().as_tensor().clone();
+            let s_w = crate::bitlinear::weight_scale(&w)?
+                .detach()
+                .to_scalar::<f32>()?;
+            Ok((w, s_w))
+        };
+        let linears = [
+            scaled(&blk.q_proj)?,
+            scaled(&blk.k_proj)?,
+            scaled(&blk.v_proj)?,
+            scaled(&blk.o_proj)?,
+            scaled(&blk.gate_proj)?,
+            scaled(&blk.up_proj)?,
+            scaled(&blk.down_proj)?,
+        ];
+        let head_dim = 2 * rope.half;
+        let hidden = linears[Q].0.dims2()?.1;
+        let ffn = linears[GATE].0.dims2()?.0;
+        Ok(BlockOp {
+            hidden,
+            ffn,
+            q_width: heads * head_dim,
+            kv_width: kv_heads * head_dim,
+            eps,
+            attention: CausalAttention::new(heads, kv_heads, rope)?,
+            norms: [
+                blk.attn_norm.as_tensor().clone(),
+                blk.attn_sub_norm.as_tensor().clone(),
+                blk.ffn_norm.as_tensor().clone(),
+                blk.ffn_sub_norm.as_tensor().clone(),
+            ],
+            linears,
+            saved: OnceLock::new(),
+            sink: sink.clone(),
+        })
+    }
+
+    /// `[out, in]` of linear `i`.
+    fn linear_dims(&self, i: usize) -> (usize, usize) {
+        let (h, f, qw, kw) = (self.hidden, self.ffn, self.q_width, self.kv_width);
+        match i {
+            Q => (qw, h),
+            K | V => (kw, h),
+            O => (h, qw),
+            GATE | UP => (f, h),
+            _ => (h, f),
+        }
+    }
+
+    /// The block's output for `x` (`batch * t` rows of `hidden`), keeping what the backward
+    /// pass needs.
+    fn output(&self, x: &[f32], batch: usize, t: usize) -> candle_core::Result<Vec<f32>> {
+        let (h, f, qw, eps) = (self.hidden, self.ffn, self.q_width, self.eps);
+        let weight_refs: [&Tensor; 7] = std::array::from_fn(|i| &self.linears[i].0);
+        let weights = with_cpu_f32(weight_refs, BLOCK, |ws| {
+            ws.iter()
+                .enumerate()
+                .map(|(i, w)| {
+                    let (out_f, in_f) = self.linear_dims(i);
+                    TernaryLinear::new(w, out_f, in_f, self.linears[i].1)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()
+        })?;
+        let norm_refs: [&Tensor; 4] = std::array::from_fn(|i| &self.norms[i]);
+        with_cpu_f32(norm_refs, BLOCK, |[an, asn, fnn, fsn]| {
+            let quantized = |v: &[f32], width: usize, layer: usize| {
+                QuantizedRows::new(v, width, weights[layer].padded_in())
+            };
+            let hq = quantized(&rms_norm_rows(x, an, eps), h, Q);
+            let (q, k, v) = (
+                weights[Q].forward(&hq),
+                weights[K].forward(&hq),
+                weights[V].forward(&hq),
+            );
+            let a = self.attention.forward_rows((&q, &k, &v), batch, t);
+            let aq = quantized(&rms_norm_rows(&a, asn, eps), qw, O);
+            let mut x1 = weights[O].forward(&aq);
+            add_into(&mut x1, x);
+            let h2q = quantized(&rms_norm_rows(&x1, fnn, eps), h, GATE);
+            let (g, u) = (weights[GATE].forward(&h2q), weights[UP].forward(&h2q));
+            let m = relu2_gate_values(&g, &u);
+            let mq = quantized(&rms_norm_rows(&m, fsn, eps), f, DOWN);
+            let mut out = weights[DOWN].forward(&mq);
+            add_into(&mut out, &x1);
+            // One forward per operation value (a fresh one per call), so this is set once.
+            let _ = self.saved.set(Saved {
+                weights,
+                hq,
+                q,
+                k,
+                v,
+                a,
+                aq,
+                x1,
+                h2q,
+                g,
+                u,
+                m,
+                mq,
+            });
+            Ok(out)
+        })
+    }
+
+    /// The straight-through products of linears `ids` for their output gradients `dys`
+    /// (`[rows, out]` each) and their shared quantized input: the input's gradient (the sum
+    /// of `dy @ (codes / s_w)` over the linears) and each linear's weight gradient
+    /// `dy^T @ (q / s_x)`, handed to the sink.
+    fn linear_grads(
+        &self,
+        saved: &Saved,
+        ids: &[usize],
+        dys: &[Tensor],
+        input: &QuantizedRows,
+    ) -> candle_core::Result<Vec<f32>> {
+        let dev = dys[0].device();
+        let in_f = self.linear_dims(ids[0]).1;
+        let x_eff = Tensor::from_vec(input.dequantized(), (input.rows(), in_f), dev)?;
+        let mut dx_parts = Vec::with_capacity(ids.len());
+        for (&i, dy) in ids.iter().zip(dys) {
+            let w_eff = Tensor::from_vec(saved.weights[i].effective(), self.linear_dims(i), dev)?;
+            dx_parts.push(dy.matmul(&w_eff)?);
+            self.sink
+                .push(&self.linears[i].0, dy.t()?.matmul(&x_eff)?)?;
+        }
+        sum_of(&dx_parts)
+    }
+
+    /// RMSNorm `n`'s backward pass for input `x` and output gradient `g` (`width` wide): the
+    /// input's gradient; the gain's goes to the sink.
+    fn norm_grads(
+        &self,
+        n: usize,
+        x: &[f32],
+        g: &[f32],
+        width: usize,
+        w: &[f32],
+    ) -> candle_core::Result<Vec<f32>> {
+        let dw = rms_norm_grad_w(x, g, width, self.eps);
+        self.sink.push(
+            &self.norms[n],
+            Tensor::from_vec(dw, width, self.norms[n].device())?,
+        )?;
+        Ok(rms_norm_grad_x(x, w, g, self.eps))
+    }
+
+    /// The input's gradient for output gradient `dy` (`[rows, hidden]`), with every
+    /// parameter's gradient handed to the sink.
+    fn grads(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        let Some(s) = self.saved.get() else {
+            candle_core::bail!("{BLOCK}: backward pass without a CPU forward pass");
+        };
+        let (h, f, qw, kw) = (self.hidden, self.ffn, self.q_width, self.kv_width);
+        let dev = x.device();
+        let (batch, t) = (x.dims()[0], x.dims()[1]);
+        let rows = batch * t;
+        let dy = dy.contiguous()?.reshape((rows, h))?;
+        let norm_refs: [&Tensor; 4] = std::array::from_fn(|i| &self.norms[i]);
+        let dx = with_cpu_f32([x, &dy], BLOCK, |[x, dy_v]| {
+            with_cpu_f32(norm_refs, BLOCK, |[an, asn, fnn, fsn]| {
+                // Feed-forward half: down, its norm, the gate, gate and up, their norm.
+                let dmn = self.linear_grads(s, &[DOWN], std::slice::from_ref(&dy), &s.mq)?;
+                let dm = self.norm_grads(FFN_SUB_NORM, &s.m, &dmn, f, fsn)?;
+                let mut dg = zeroed(dm.len());
+                let mut du = zeroed(dm.len());
+                relu2_gate_grad(&s.g, &s.u, &dm, true, &mut dg);
+                relu2_gate_grad(&s.g, &s.u, &dm, false, &mut du);
+                let dgu = [
+                    Tensor::from_vec(dg, (rows, f), dev)?,
+                    Tensor::from_vec(du, (rows, f), dev)?,
+                ];
+                let dh2 = self.linear_grads(s, &[GATE, UP], &dgu, &s.h2q)?;
+                let mut dx1 = self.norm_grads(FFN_NORM, &s.x1, &dh2, h, fnn)?;
+                add_into(&mut dx1, dy_v);
+                // Attention half: o, its norm, the attention, q/k/v, their norm.
+                let dx1_t = Tensor::from_vec(dx1, (rows, h), dev)?;
+                let dan = self.linear_grads(s, &[O], std::slice::from_ref(&dx1_t), &s.aq)?;
+                let da = self.norm_grads(ATTN_SUB_NORM, &s.a, &dan, qw, asn)?;
+                let (dq, dk, dv) =
+                    self.attention
+                        .backward_rows((&s.q, &s.k, &s.v), (&s.a, &da), batch, t);
+                let dqkv = [
+                    Tensor::from_vec(dq, (rows, qw), dev)?,
+                    Tensor::from_vec(dk, (rows, kw), dev)?,
+                    Tensor::from_vec(dv, (rows, kw), dev)?,
+                ];
+                let dh = self.linear_grads(s, &[Q, K, V], &dqkv, &s.hq)?;
+                let mut dx = self.norm_grads(ATTN_NORM, x, &dh, h, an)?;
+                with_cpu_f32([&dx1_t], BLOCK, |[dx1]| {
+                    add_into(&mut dx, dx1);
+                    Ok(())
+                })?;
+                Ok(dx)
+            })
+        })?;
+        Tensor::from_vec(dx, x.shape(), dev)
+    }
+}
+
+impl CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "bitnet-transformer-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, BLOCK)?;
+        let &[batch, t, h] = l.dims() else {
+            candle_core::bail!("{BLOCK}: input {:?} is not [batch, t, hidden]", l.dims());
+        };
+        if h != self.hidden {
+            candle_core::bail!("{BLOCK}: rows of {h} for a hidden size of {}", self.hidden);
+        }
+        let out = self.output(x, batch, t)?;
+        Ok((CpuStorage::F32(out), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(self.grads(x, grad)?))
+    }
+}
+
+/// `blk` applied to the residual stream `x [batch, t, hidden]` as one operation, its
+/// parameters' gradients left in `sink` by the backward pass. CPU f32 tensors only.
+pub(crate) fn block_forward(
+    blk: &Block,
+    x: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    rope: &RopeAngles,
+    eps: f32,
+    sink: &Arc<GradSink>,
+) -> Result<Tensor> {
+    let op = BlockOp::new(blk, (heads, kv_heads), rope, eps, sink)?;
+    Ok(x.contiguous()?.apply_op1(op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::ModelShape;
+    use crate::model::Transformer;
+    use crate::testing::{diff, max_abs};
+    use candle_core::{Device, Tensor};
+
+    /// The block operations against the per-operation graph on a small model with odd widths
+    /// (rows padded for the kernels), grouped KV heads and an untied head: the same loss bits
+    /// (same functions in the same order) and every parameter's gradient equal to f32
+    /// rounding (sums taken in another order).
+    #[test]
+    fn block_operations_match_the_per_operation_graph() {
+        for tied in [true, false] {
+            let shape = ModelShape {
+                hidden_size: 48,
+                intermediate_size: 80,
+                num_layers: 2,
+                num_heads: 4,
+                num_kv_heads: 2,
+                vocab_size: 37,
+                rms_norm_eps: 1e-5,
+                rope_theta: 500.0,
+                tie_word_embeddings: tied,
+            };
+            let m = Transformer::new(&shape, true, 11, &Device::Cpu).unwrap();
+            let ids: Vec<u32> = (0..3 * 10).map(|i| (i * 7 + i / 5) % 37).collect();
+            let ids = Tensor::from_vec(ids, (3, 10), &Device::Cpu).unwrap();
+            let (loss, grads) = m.loss_and_grads(&ids).unwrap();
+            let want_loss = m.loss(&ids).unwrap();
+            let want = want_loss.backward().unwrap();
+            assert_eq!(
+                loss.to_scalar::<f32>().unwrap().to_bits(),
+                want_loss.to_scalar::<f32>().unwrap().to_bits()
+            );
+            for (name, var) in m.named_params() {
+                let (got, exp) = (grads.get(&var), want.get(&var));
+                let (Some(got), Some(exp)) = (got, exp) else {
+                    panic!("{name}: gradient missing");
+                };
+                let scale = max_abs(exp);
+                assert!(scale > 0.0, "{name}: zero gradient");
+                let d = diff(got, exp);
+                assert!(d <= 1e-5 * scale, "{name}: {d} off (of {scale})");
+            }
+        }
+    }
+}
