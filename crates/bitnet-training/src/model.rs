@@ -221,7 +221,7 @@ impl Transformer {
     }
 
     /// [`Self::logits_2d`], with each block one operation when `sink` is given (the quantized
-    /// model on the CPU only: see [`crate::block`]); the blocks' parameter gradients then
+    /// model on the CPU only: see module `block`); the blocks' parameter gradients then
     /// land in `sink`, not in the graph.
     fn logits_with(&self, ids: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -307,7 +307,7 @@ impl Transformer {
 
     /// The loss over `ids` (as [`Self::loss`]) and the gradients of every parameter: what a
     /// training step needs. The quantized model on the CPU runs each block as one operation
-    /// with a hand-written backward pass ([`crate::block`]): the same forward bits as
+    /// with a hand-written backward pass (module `block`): the same forward bits as
     /// `loss(ids)?.backward()`, gradients equal to f32 rounding, less time spent in candle's
     /// graph. Elsewhere it is exactly `loss(ids)?.backward()`.
     pub fn loss_and_grads(&self, ids: &Tensor) -> Result<(Tensor, GradStore)> {
