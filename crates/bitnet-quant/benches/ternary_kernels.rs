@@ -342,5 +342,50 @@ fn quantize(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, gemv, gemm, gemv_stream, head, attention, quantize);
+/// The trainer's f32 products (`bitnet_quant::sgemm`, on the thread pool): a BitLinear input
+/// gradient of the training benchmark's model (`dy [4096, 256] @ W [256, 768]`) and its tied
+/// head's logits (`x [4096, 256] @ E^T`, `E [2048, 256]` read transposed). Throughput in
+/// multiply-adds.
+fn sgemm(c: &mut Criterion) {
+    use bitnet_quant::sgemm::{sgemm, MatRef};
+    let mut seed = 17;
+    let mut values = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (lcg(&mut seed) % 2001) as f32 / 1000.0 - 1.0)
+            .collect()
+    };
+    let mut g = c.benchmark_group("sgemm");
+    g.sample_size(10);
+    for (name, m, k, n, transposed) in [
+        ("input_grad_4096x256x768", 4096, 256, 768, false),
+        ("head_4096x256x2048", 4096, 256, 2048, true),
+    ] {
+        let (a, b) = (values(m * k), values(k * n));
+        let mut out = vec![0f32; m * n];
+        g.throughput(Throughput::Elements((m * k * n) as u64));
+        for set in Kernels::available() {
+            g.bench_function(BenchmarkId::new(set.name, name), |bench| {
+                let a = MatRef::row_major(&a, m, k).unwrap();
+                let b = if transposed {
+                    MatRef::row_major(&b, n, k).unwrap().t()
+                } else {
+                    MatRef::row_major(&b, k, n).unwrap()
+                };
+                bench.iter(|| sgemm(set, black_box(a), black_box(b), &mut out).unwrap())
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    gemv,
+    gemm,
+    gemv_stream,
+    head,
+    attention,
+    quantize,
+    sgemm
+);
 criterion_main!(benches);

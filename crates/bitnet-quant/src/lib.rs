@@ -9,6 +9,7 @@
 //!   one (1.6 bits per weight) for memory-bound decoding.
 //! - [`kernels`]: ternary x int8 products behind one dispatch table, with the scalar reference.
 //! - [`BitLinear`]: an inference linear layer built from the above.
+//! - [`sgemm`]: f32 matrix products on the kernel sets' tiles (the trainer's gradients).
 
 pub mod base3;
 pub mod bitlinear;
@@ -18,6 +19,7 @@ pub mod kernels;
 pub mod q6_k;
 pub mod q8_0;
 pub mod quantize;
+pub mod sgemm;
 pub mod ternary;
 pub mod tq;
 

@@ -30,6 +30,8 @@ use crate::fused::{
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
 use crate::Result;
+use bitnet_quant::kernels::Kernels;
+use bitnet_quant::sgemm::{sgemm, MatRef};
 
 /// The operation's name in error messages.
 const BLOCK: &str = "transformer block";
@@ -129,27 +131,6 @@ fn add_into(a: &mut [f32], b: &[f32]) {
     a.par_chunks_mut(SUM_CHUNK)
         .zip(b.par_chunks(SUM_CHUNK))
         .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
-}
-
-/// The sum of same-shaped CPU tensors, added left to right.
-fn sum_of(parts: &[Tensor]) -> candle_core::Result<Vec<f32>> {
-    let Some((first, rest)) = parts.split_first() else {
-        candle_core::bail!("{BLOCK}: nothing to add");
-    };
-    let mut out = with_cpu_f32([first], BLOCK, |[f]| {
-        let mut v = zeroed(f.len());
-        v.par_chunks_mut(SUM_CHUNK)
-            .zip(f.par_chunks(SUM_CHUNK))
-            .for_each(|(v, f)| v.copy_from_slice(f));
-        Ok(v)
-    })?;
-    for p in rest {
-        with_cpu_f32([p], BLOCK, |[p]| {
-            add_into(&mut out, p);
-            Ok(())
-        })?;
-    }
-    Ok(out)
 }
 
 impl BlockOp {
@@ -278,16 +259,32 @@ impl BlockOp {
         input: &QuantizedRows,
     ) -> candle_core::Result<Vec<f32>> {
         let dev = dys[0].device();
-        let in_f = self.linear_dims(ids[0]).1;
-        let x_eff = Tensor::from_vec(input.dequantized(), (input.rows(), in_f), dev)?;
-        let mut dx_parts = Vec::with_capacity(ids.len());
+        let (rows, in_f) = (input.rows(), self.linear_dims(ids[0]).1);
+        let x_eff = Tensor::from_vec(input.dequantized(), (rows, in_f), dev)?;
+        let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{BLOCK}: {e}"));
+        let mut dx: Option<Vec<f32>> = None;
         for (&i, dy) in ids.iter().zip(dys) {
-            let w_eff = Tensor::from_vec(saved.weights[i].effective(), self.linear_dims(i), dev)?;
-            dx_parts.push(dy.matmul(&w_eff)?);
+            let out_f = self.linear_dims(i).0;
+            let w_eff = saved.weights[i].effective();
+            let part = with_cpu_f32([dy], BLOCK, |[dy]| {
+                let mut part = zeroed(rows * in_f);
+                sgemm(
+                    Kernels::get(),
+                    MatRef::row_major(dy, rows, out_f).map_err(bad)?,
+                    MatRef::row_major(&w_eff, out_f, in_f).map_err(bad)?,
+                    &mut part,
+                )
+                .map_err(bad)?;
+                Ok(part)
+            })?;
+            match dx.as_mut() {
+                None => dx = Some(part),
+                Some(sum) => add_into(sum, &part),
+            }
             self.sink
                 .push(&self.linears[i].0, dy.t()?.matmul(&x_eff)?)?;
         }
-        sum_of(&dx_parts)
+        dx.ok_or_else(|| candle_core::Error::Msg(format!("{BLOCK}: no linears")))
     }
 
     /// RMSNorm `n`'s backward pass for input `x` and output gradient `g` (`width` wide): the

@@ -266,8 +266,11 @@ impl Transformer {
             rms_norm(&x, &self.final_norm, s.rms_norm_eps)?
         };
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        Ok(x.reshape((b * t, s.hidden_size))?
-            .matmul(&head.as_tensor().t()?)?)
+        let x = x.reshape((b * t, s.hidden_size))?;
+        if x.device().is_cpu() {
+            return crate::fused::product_wt(&x, head.as_tensor());
+        }
+        Ok(x.matmul(&head.as_tensor().t()?)?)
     }
 
     /// The input of linear layers: RMSNorm of `x` with gain `w` (fused on the CPU). The

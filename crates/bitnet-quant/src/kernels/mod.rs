@@ -1,5 +1,6 @@
 //! The kernels behind one dispatch table: ternary x int8 products, the output head's dense dot
-//! products, and attention over the KV cache (scores, softmax, weighted sum).
+//! products, attention over the KV cache (scores, softmax, weighted sum), and the tile of the
+//! f32 matrix products ([`crate::sgemm`]) the trainer's gradients use.
 //!
 //! [`Kernels::get`] picks the table once, from the CPU features detected at start-up. The
 //! ternary kernels compute exact i32 sums and the float kernels follow a fixed order of
@@ -128,6 +129,58 @@ pub type MixRowsFn<E> = fn(out: &mut [f32], w: &[f32], values: &[E], stride: usi
 /// makes the whole row NaN.
 pub type SoftmaxFn = fn(x: &mut [f32], scale: f32);
 
+/// Rows of an f32 matrix-product tile ([`SgemmTileFn`]).
+pub const SGEMM_MR: usize = 6;
+
+/// Columns of an f32 matrix-product tile ([`SgemmTileFn`]).
+pub const SGEMM_NR: usize = 16;
+
+/// One tile of an f32 matrix product (the inner kernel of [`crate::sgemm`]):
+/// `c[i * ldc + j] = sum_k a[rows[i] + k * a_step] * b[k * SGEMM_NR + j]` for `i < SGEMM_MR`,
+/// `j < SGEMM_NR`, `k < kc`. Each element is one chain of fused multiply-adds (`a * b + sum`,
+/// rounded once) in order of `k`, starting from its value in `c` when `accumulate`, from +0
+/// otherwise, so every implementation gives the same bits. `b` is a packed panel: row `k`'s 16
+/// values at `k * SGEMM_NR`. Panics if any index falls outside `a`, `b` or `c`.
+pub type SgemmTileFn = fn(
+    kc: usize,
+    a: &[f32],
+    rows: &[usize; SGEMM_MR],
+    a_step: usize,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+);
+
+/// Checks the bounds every [`SgemmTileFn`] relies on (see its contract). Panics otherwise.
+#[allow(dead_code)] // used only by the SIMD modules compiled for this target
+pub(crate) fn check_sgemm_tile(
+    kc: usize,
+    a_len: usize,
+    rows: &[usize; SGEMM_MR],
+    a_step: usize,
+    b_len: usize,
+    c_len: usize,
+    ldc: usize,
+) {
+    assert!(kc > 0, "an empty tile has nothing to load");
+    assert!(
+        b_len >= kc * SGEMM_NR,
+        "a panel of {b_len} values for {kc} rows"
+    );
+    assert!(
+        ldc >= SGEMM_NR && c_len >= (SGEMM_MR - 1) * ldc + SGEMM_NR,
+        "a tile of {c_len} values with rows {ldc} apart"
+    );
+    for &r in rows {
+        let last = (kc - 1).checked_mul(a_step).and_then(|v| v.checked_add(r));
+        assert!(
+            last.is_some_and(|l| l < a_len),
+            "row at {r} with step {a_step} leaves {a_len} values"
+        );
+    }
+}
+
 /// Running sums of one attention score ([`ScoreRowsFn`]): one vector of eight lanes.
 pub const SCORE_SUMS: usize = 8;
 
@@ -234,6 +287,8 @@ pub struct Kernels {
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
     pub dot_q6_k: DotQ6KFn,
+    /// One tile of an f32 matrix product ([`crate::sgemm`]).
+    pub sgemm_tile: SgemmTileFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -258,6 +313,7 @@ impl Kernels {
         softmax: scalar::softmax,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
+        sgemm_tile: scalar::sgemm_tile,
     };
 
     /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
@@ -277,6 +333,7 @@ impl Kernels {
         softmax: x86::attention::softmax,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
+        sgemm_tile: x86::sgemm::tile,
     };
 
     /// The AVX-VNNI set (x86-64): AVX2's with `vpdpbusd` in the ternary products. Its functions
@@ -325,6 +382,7 @@ impl Kernels {
         softmax: aarch64::attention::softmax,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
+        sgemm_tile: aarch64::sgemm::tile,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -344,6 +402,7 @@ impl Kernels {
         softmax: aarch64::attention::softmax,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
+        sgemm_tile: aarch64::sgemm::tile,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),

@@ -5,3 +5,4 @@
 pub mod attention;
 pub mod base3;
 pub mod neon;
+pub mod sgemm;

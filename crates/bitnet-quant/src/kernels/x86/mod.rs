@@ -10,3 +10,4 @@ pub mod avx2;
 pub mod avx512;
 pub mod avxvnni;
 pub mod base3;
+pub mod sgemm;

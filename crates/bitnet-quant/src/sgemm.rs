@@ -1,0 +1,387 @@
+//! f32 matrix products `C = A B` for the trainer's straight-through gradients and output head,
+//! on the thread pool, with the kernel set's tile ([`crate::kernels::SgemmTileFn`]).
+//!
+//! The layout follows the usual blocked scheme: `B` is packed into 16-column panels one block
+//! of `KC` rows at a time (a panel's block is 16 KB, so it stays in L1 while six-row tiles of
+//! `A` stream past it); the rows of `C` are split into blocks of at most `MC` rows, one task
+//! each, so a block of `A` (read where it lies when its rows are contiguous, packed into
+//! six-row panels otherwise) stays in L2. Every element of `C` is one chain of fused
+//! multiply-adds in order of `k`, whatever the blocking or the thread count, so the product is
+//! deterministic and every kernel set gives the same bits.
+
+use rayon::prelude::*;
+
+use crate::kernels::{Kernels, SGEMM_MR as MR, SGEMM_NR as NR};
+use crate::{Error, Result};
+
+/// Rows of `B` packed at a time (a 16-column panel block of 16 KB).
+const KC: usize = 256;
+
+/// Most rows of `C` per task (a packed block of `A`, `MC x KC`, is 144 KB).
+const MC: usize = 144;
+
+/// A read-only view of an f32 matrix: element `(i, j)` at `data[i * row_stride + j * col_stride]`
+/// (a transpose is the same data with the strides swapped).
+#[derive(Debug, Clone, Copy)]
+pub struct MatRef<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> MatRef<'a> {
+    /// A view of `rows x cols` elements, checked to lie inside `data`.
+    pub fn new(
+        data: &'a [f32],
+        rows: usize,
+        cols: usize,
+        row_stride: usize,
+        col_stride: usize,
+    ) -> Result<Self> {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1)
+                .checked_mul(row_stride)
+                .zip((cols - 1).checked_mul(col_stride))
+                .and_then(|(r, c)| r.checked_add(c));
+            if last.is_none_or(|l| l >= data.len()) {
+                return Err(Error::InvalidInput(format!(
+                    "a [{rows}, {cols}] view with strides ({row_stride}, {col_stride}) does not \
+                     fit in {} values",
+                    data.len()
+                )));
+            }
+        }
+        Ok(MatRef {
+            data,
+            rows,
+            cols,
+            row_stride,
+            col_stride,
+        })
+    }
+
+    /// A contiguous row-major `[rows, cols]` matrix.
+    pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Result<Self> {
+        Self::new(data, rows, cols, cols, 1)
+    }
+
+    /// The transpose (no copy).
+    pub fn t(self) -> Self {
+        MatRef {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    /// Element `(i, j)`.
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.data[i * self.row_stride + j * self.col_stride]
+    }
+}
+
+/// `c = a b` with `c` row-major `[a.rows, b.cols]`. Errors if the shapes disagree.
+pub fn sgemm(kernels: &Kernels, a: MatRef, b: MatRef, c: &mut [f32]) -> Result<()> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    if b.rows != k || c.len() != m * n {
+        return Err(Error::InvalidInput(format!(
+            "sgemm: [{m}, {k}] times [{}, {n}] into {} values",
+            b.rows,
+            c.len()
+        )));
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return Ok(());
+    }
+    let panels = n.div_ceil(NR);
+    // Split the rows into a multiple of the thread count of blocks, none over MC.
+    let threads = rayon::current_num_threads().max(1);
+    let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
+    let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
+    let mut packed_b = vec![0f32; panels * KC.min(k) * NR];
+    for k0 in (0..k).step_by(KC) {
+        let kc = KC.min(k - k0);
+        let packed_b = &mut packed_b[..panels * kc * NR];
+        packed_b
+            .par_chunks_mut(kc * NR)
+            .enumerate()
+            .for_each(|(p, dst)| pack_b(&b, k0, p * NR, dst));
+        let packed_b = &*packed_b;
+        c.par_chunks_mut(mc * n)
+            .enumerate()
+            .for_each(|(blk, c_blk)| {
+                block_product(kernels, &a, packed_b, (k0, kc), blk * mc, n, c_blk)
+            });
+    }
+    Ok(())
+}
+
+/// Rows `k0..k0 + kc` of `b`'s columns `j0..j0 + 16` into `dst` (`kc x 16`, row `k` at
+/// `16 k`), zeros past the last column.
+fn pack_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
+    let width = NR.min(b.cols - j0);
+    for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
+        if b.col_stride == 1 {
+            let at = (k0 + kk) * b.row_stride + j0;
+            row[..width].copy_from_slice(&b.data[at..at + width]);
+        } else {
+            for (j, v) in row[..width].iter_mut().enumerate() {
+                *v = b.at(k0 + kk, j0 + j);
+            }
+        }
+        row[width..].fill(0.0);
+    }
+}
+
+/// Rows `i0..i0 + h` of `a`'s columns from `k0` as a six-row panel filling `dst` (column `k`
+/// at `6 k`), the missing rows repeating the last one.
+fn pack_a(a: &MatRef, i0: usize, h: usize, k0: usize, dst: &mut [f32]) {
+    for (kk, col) in dst.chunks_exact_mut(MR).enumerate() {
+        for (i, v) in col.iter_mut().enumerate() {
+            *v = a.at(i0 + i.min(h - 1), k0 + kk);
+        }
+    }
+}
+
+/// The `kc` steps from `k0` of one block of `C`'s rows (`c_blk`, from row `i0`, `n` wide),
+/// added to what the earlier steps left there.
+fn block_product(
+    kernels: &Kernels,
+    a: &MatRef,
+    packed_b: &[f32],
+    (k0, kc): (usize, usize),
+    i0: usize,
+    n: usize,
+    c_blk: &mut [f32],
+) {
+    let rows = c_blk.len() / n;
+    let row_panels = rows.div_ceil(MR);
+    let accumulate = k0 > 0;
+    // Rows that are contiguous runs are read in place; others (a transposed view) would touch
+    // one cache line per step and row, so they are packed once per block.
+    let in_place = a.col_stride == 1;
+    let packed_a: Vec<f32> = if in_place {
+        Vec::new()
+    } else {
+        let mut p = vec![0f32; row_panels * kc * MR];
+        for (r, dst) in p.chunks_exact_mut(kc * MR).enumerate() {
+            pack_a(a, i0 + r * MR, MR.min(rows - r * MR), k0, dst);
+        }
+        p
+    };
+    let mut edge = [0f32; MR * NR];
+    for r in 0..row_panels {
+        let h = MR.min(rows - r * MR);
+        let (data, step, offsets): (&[f32], usize, [usize; MR]) = if in_place {
+            let first = |i: usize| (i0 + r * MR + i.min(h - 1)) * a.row_stride + k0;
+            (a.data, 1, std::array::from_fn(first))
+        } else {
+            (
+                &packed_a[r * kc * MR..(r + 1) * kc * MR],
+                MR,
+                std::array::from_fn(|i| i),
+            )
+        };
+        for (p, panel) in packed_b.chunks_exact(kc * NR).enumerate() {
+            let j0 = p * NR;
+            let width = NR.min(n - j0);
+            let at = r * MR * n + j0;
+            if h == MR && width == NR {
+                (kernels.sgemm_tile)(
+                    kc,
+                    data,
+                    &offsets,
+                    step,
+                    panel,
+                    &mut c_blk[at..],
+                    n,
+                    accumulate,
+                );
+            } else {
+                // A partial tile goes through a full-size buffer.
+                if accumulate {
+                    for i in 0..h {
+                        edge[i * NR..i * NR + width]
+                            .copy_from_slice(&c_blk[at + i * n..at + i * n + width]);
+                    }
+                }
+                (kernels.sgemm_tile)(kc, data, &offsets, step, panel, &mut edge, NR, accumulate);
+                for i in 0..h {
+                    c_blk[at + i * n..at + i * n + width]
+                        .copy_from_slice(&edge[i * NR..i * NR + width]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic values in [-1, 1).
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn tiles_match_scalar_bit_for_bit() {
+        let a = values(3000, 1);
+        for kc in [1usize, 2, 7, 64, 300] {
+            for (rows, step) in [([0, 1, 2, 3, 4, 5], MR), ([5, 400, 3, 3, 900, 17], 1)] {
+                let b = values(kc * NR, kc as u64);
+                for accumulate in [false, true] {
+                    let c0 = values(5 * 40 + NR, 9);
+                    let mut want = c0.clone();
+                    crate::kernels::scalar::sgemm_tile(
+                        kc, &a, &rows, step, &b, &mut want, 40, accumulate,
+                    );
+                    // The reference is the definition: one fused chain per element.
+                    let mut sum = if accumulate { c0[40 + 3] } else { 0.0 };
+                    for kk in 0..kc {
+                        sum = a[rows[1] + kk * step].mul_add(b[kk * NR + 3], sum);
+                    }
+                    assert_eq!(want[40 + 3].to_bits(), sum.to_bits());
+                    for k in Kernels::available() {
+                        let mut got = c0.clone();
+                        (k.sgemm_tile)(kc, &a, &rows, step, &b, &mut got, 40, accumulate);
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        assert!(
+                            same,
+                            "{} kc={kc} step={step} accumulate={accumulate}",
+                            k.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_check_their_bounds() {
+        for set in Kernels::available() {
+            let out_of_bounds = std::panic::catch_unwind(|| {
+                let (a, b) = (vec![0f32; 10], vec![0f32; 2 * NR]);
+                let mut c = vec![0f32; MR * NR];
+                // Row 9 with step 1 needs a[10].
+                (set.sgemm_tile)(2, &a, &[0, 1, 2, 3, 4, 9], 1, &b, &mut c, NR, false);
+            });
+            assert!(out_of_bounds.is_err(), "{}", set.name);
+        }
+    }
+
+    /// The product against f64 arithmetic, and every set against the scalar set bit for bit,
+    /// on odd shapes, several `KC` blocks, and plain and transposed operands.
+    #[test]
+    fn products_match_the_definition_and_every_set() {
+        for (m, k, n) in [
+            (1, 1, 1),
+            (7, 3, 5),
+            (13, 300, 37),
+            (6, 513, 16),
+            (50, 40, 33),
+        ] {
+            let a_data = values(m * k, 3);
+            let b_data = values(k * n, 4);
+            let a_t: Vec<f32> = (0..k * m).map(|x| a_data[(x % m) * k + x / m]).collect();
+            let b_t: Vec<f32> = (0..n * k).map(|x| b_data[(x % k) * n + x / k]).collect();
+            let plain = (
+                MatRef::row_major(&a_data, m, k).unwrap(),
+                MatRef::row_major(&b_data, k, n).unwrap(),
+            );
+            let transposed = (
+                MatRef::row_major(&a_t, k, m).unwrap().t(),
+                MatRef::row_major(&b_t, n, k).unwrap().t(),
+            );
+            let mut want = vec![0f32; m * n];
+            sgemm(&Kernels::SCALAR, plain.0, plain.1, &mut want).unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k)
+                        .map(|kk| a_data[i * k + kk] as f64 * b_data[kk * n + j] as f64)
+                        .sum();
+                    let d = (want[i * n + j] as f64 - exact).abs();
+                    assert!(
+                        d <= 1e-5 * (1.0 + exact.abs()) * (k as f64).sqrt(),
+                        "{m}x{k}x{n}"
+                    );
+                }
+            }
+            for set in Kernels::available() {
+                for (a, b) in [
+                    plain,
+                    transposed,
+                    (plain.0, transposed.1),
+                    (transposed.0, plain.1),
+                ] {
+                    let mut got = vec![f32::NAN; m * n];
+                    sgemm(set, a, b, &mut got).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{} {m}x{k}x{n}", set.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn products_do_not_depend_on_the_thread_count() {
+        let (m, k, n) = (301, 260, 45);
+        let (a, b) = (values(m * k, 5), values(k * n, 6));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut c = vec![0f32; m * n];
+            pool.install(|| {
+                let (a, b) = (
+                    MatRef::row_major(&a, m, k).unwrap(),
+                    MatRef::row_major(&b, k, n).unwrap(),
+                );
+                sgemm(Kernels::get(), a, b, &mut c).unwrap()
+            });
+            c
+        };
+        let one = run(1);
+        assert!(run(3)
+            .iter()
+            .zip(&one)
+            .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let d = vec![0f32; 12];
+        assert!(MatRef::new(&d, 3, 5, 5, 1).is_err());
+        let a = MatRef::row_major(&d, 3, 4).unwrap();
+        let mut c = vec![0f32; 9];
+        assert!(sgemm(Kernels::get(), a, a, &mut c).is_err());
+        let mut c = vec![1f32; 9];
+        let empty = MatRef::row_major(&[], 3, 0).unwrap();
+        sgemm(Kernels::get(), empty, empty.t(), &mut c).unwrap();
+        assert!(c.iter().all(|&v| v == 0.0));
+    }
+}
