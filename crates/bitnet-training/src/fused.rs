@@ -457,7 +457,9 @@ impl candle_core::CustomOp2 for ProductWt {
     }
 }
 
-/// `x @ w^T` of `x [n, k]` and `w [m, k]` as one operation (see [`ProductWt`]). CPU f32 only.
+/// `x @ w^T` of `x [n, k]` and `w [m, k]` (the output head) as one operation: the forward
+/// product on the kernel sets' f32 tiles (`bitnet_quant::sgemm`), the backward pass candle's
+/// products. CPU f32 tensors only.
 pub fn product_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ProductWt)?)
 }
