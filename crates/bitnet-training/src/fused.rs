@@ -4,6 +4,8 @@
 //! candle runs every primitive as its own pass over memory with a fresh buffer; on a small
 //! model these passes, not the matrix products, dominate a training step.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -279,8 +281,11 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
 }
 
 /// Mean cross-entropy of rows of logits `[n, vocab]` against target ids `[n]`, fused: one pass
-/// per row, no `[n, vocab]` intermediates; its gradient is `(softmax - onehot) / n`.
-struct CrossEntropy;
+/// per row, no `[n, vocab]` intermediates; its gradient is `(softmax - onehot) / n`, from the
+/// rows' logsumexp that the forward pass keeps (one value per row).
+struct CrossEntropy {
+    lse: OnceLock<Arc<Vec<f32>>>,
+}
 
 /// The logsumexp of a row of logits; the exponentials summed in eight running sums so that
 /// the loop vectorizes.
@@ -334,17 +339,25 @@ impl candle_core::CustomOp2 for CrossEntropy {
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
         }
+        let mut lse = vec![0f32; n];
         let partial: Vec<f32> = logits
             .par_chunks(v * ROWS_PER_TASK)
             .zip(targets.par_chunks(ROWS_PER_TASK))
-            .map(|(rows, t)| {
+            .zip(lse.par_chunks_mut(ROWS_PER_TASK))
+            .map(|((rows, t), lse)| {
                 rows.chunks_exact(v)
                     .zip(t)
-                    .map(|(row, &t)| row_lse(row) - row[t as usize])
+                    .zip(lse)
+                    .map(|((row, &t), l)| {
+                        *l = row_lse(row);
+                        *l - row[t as usize]
+                    })
                     .sum::<f32>()
             })
             .collect();
         let total: f32 = partial.iter().sum();
+        // One forward per operation value (a fresh one per call), so this is set once.
+        let _ = self.lse.set(Arc::new(lse));
         Ok((CpuStorage::F32(vec![total / n as f32]), Shape::from(())))
     }
 
@@ -356,14 +369,22 @@ impl candle_core::CustomOp2 for CrossEntropy {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let d = logits.apply_op2_no_bwd(targets, &CrossEntropyGrad { scale: g })?;
+        let Some(lse) = self.lse.get() else {
+            candle_core::bail!("cross-entropy: backward pass without a CPU forward pass");
+        };
+        let grad_op = CrossEntropyGrad {
+            scale: g,
+            lse: lse.clone(),
+        };
+        let d = logits.apply_op2_no_bwd(targets, &grad_op)?;
         Ok((Some(d), None))
     }
 }
 
-/// `scale * (softmax(row) - onehot(target)) / n` for every row.
+/// `scale * (softmax(row) - onehot(target)) / n` for every row, with the rows' logsumexp.
 struct CrossEntropyGrad {
     scale: f32,
+    lse: Arc<Vec<f32>>,
 }
 
 impl candle_core::CustomOp2 for CrossEntropyGrad {
@@ -382,16 +403,27 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
         let targets = u32_slice(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
         let k = self.scale / n as f32;
+        if self.lse.len() != n {
+            candle_core::bail!(
+                "cross-entropy grad: {} logsumexps for {n} rows",
+                self.lse.len()
+            );
+        }
         let mut out = zeroed(logits.len());
         out.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(
                 logits
                     .par_chunks(v * ROWS_PER_TASK)
-                    .zip(targets.par_chunks(ROWS_PER_TASK)),
+                    .zip(targets.par_chunks(ROWS_PER_TASK))
+                    .zip(self.lse.par_chunks(ROWS_PER_TASK)),
             )
-            .for_each(|(o, (rows, t))| {
-                for ((o, row), &t) in o.chunks_exact_mut(v).zip(rows.chunks_exact(v)).zip(t) {
-                    let lse = row_lse(row);
+            .for_each(|(o, ((rows, t), lse))| {
+                for (((o, row), &t), &lse) in o
+                    .chunks_exact_mut(v)
+                    .zip(rows.chunks_exact(v))
+                    .zip(t)
+                    .zip(lse)
+                {
                     for (oi, &x) in o.iter_mut().zip(row) {
                         *oi = exp_nonpositive(x - lse) * k;
                     }
@@ -404,9 +436,12 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
 
 /// Mean cross-entropy of `logits [n, vocab]` (f32) against `targets [n]` (u32).
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    Ok(logits
-        .contiguous()?
-        .apply_op2(&targets.contiguous()?, CrossEntropy)?)
+    Ok(logits.contiguous()?.apply_op2(
+        &targets.contiguous()?,
+        CrossEntropy {
+            lse: OnceLock::new(),
+        },
+    )?)
 }
 
 /// `x @ w^T` for rows `x [n, k]` and `w [m, k]` (the output head): the forward product on the
