@@ -161,6 +161,21 @@ impl BlockOp {
         let head_dim = 2 * rope.half;
         let hidden = linears[Q].0.dims2()?.1;
         let ffn = linears[GATE].0.dims2()?.0;
+        let norms = [
+            blk.attn_norm.as_tensor().clone(),
+            blk.attn_sub_norm.as_tensor().clone(),
+            blk.ffn_norm.as_tensor().clone(),
+            blk.ffn_sub_norm.as_tensor().clone(),
+        ];
+        // The slice-level norms take their row width from the gain: check it here.
+        let widths = [hidden, heads * head_dim, hidden, ffn];
+        if let Some((n, w)) = norms.iter().zip(widths).find(|(n, w)| n.dims() != [*w]) {
+            return Err(candle_core::Error::Msg(format!(
+                "{BLOCK}: a norm gain of {:?} where rows are {w} wide",
+                n.dims()
+            ))
+            .into());
+        }
         Ok(BlockOp {
             hidden,
             ffn,
@@ -168,12 +183,7 @@ impl BlockOp {
             kv_width: kv_heads * head_dim,
             eps,
             attention: CausalAttention::new(heads, kv_heads, rope)?,
-            norms: [
-                blk.attn_norm.as_tensor().clone(),
-                blk.attn_sub_norm.as_tensor().clone(),
-                blk.ffn_norm.as_tensor().clone(),
-                blk.ffn_sub_norm.as_tensor().clone(),
-            ],
+            norms,
             linears,
             saved: OnceLock::new(),
             sink: sink.clone(),
@@ -400,6 +410,34 @@ mod tests {
     use crate::model::Transformer;
     use crate::testing::{diff, max_abs};
     use candle_core::{Device, Tensor};
+
+    #[test]
+    fn a_norm_of_the_wrong_width_is_an_error() {
+        let shape = ModelShape {
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 1,
+            num_heads: 2,
+            num_kv_heads: 1,
+            vocab_size: 11,
+            rms_norm_eps: 1e-5,
+            rope_theta: 500.0,
+            tie_word_embeddings: true,
+        };
+        let m = Transformer::new(&shape, true, 3, &Device::Cpu).unwrap();
+        let mut blk = m.blocks[0].clone();
+        blk.ffn_sub_norm =
+            candle_core::Var::ones(16, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let rope = crate::attention::RopeAngles::new(500.0, 8, 4);
+        let sink = std::sync::Arc::new(super::GradSink::default());
+        let x = Tensor::zeros((1, 4, 16), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let err = super::block_forward(&blk, &x, (2, 1), &rope, 1e-5, &sink).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("norm gain of [16] where rows are 24"),
+            "{err}"
+        );
+    }
 
     /// The block operations against the per-operation graph on a small model with odd widths
     /// (rows padded for the kernels), grouped KV heads and an untied head: the same loss bits
