@@ -8,8 +8,10 @@
 //! residual stream, and its backward pass runs on the pool. It computes what the per-layer
 //! nodes compute, with the same functions (RMSNorm, BitLinear's exact integer forward and
 //! straight-through products, the attention, the gate), so its forward pass gives the same
-//! bits; its gradients differ from theirs only in the order a few sums are added. Being whole,
-//! it also quantizes the input that q, k and v share once, and that of gate and up.
+//! bits; its gradients agree with theirs to f32 rounding (the input gradients' products run on
+//! `bitnet_quant::sgemm`, and the gradients of a shared input are added in another order).
+//! Being whole, it also quantizes the input that q, k and v share once, and that of gate and
+//! up.
 //!
 //! A single-input operation cannot hand the parameters' gradients back through candle's graph,
 //! so the block leaves them in a [`GradSink`], which
