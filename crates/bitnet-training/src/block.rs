@@ -22,24 +22,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
-    f32_slice, relu2_gate_grad, relu2_gate_values, rms_norm_grad_w, rms_norm_grad_x, rms_norm_rows,
-    with_cpu_f32, zeroed,
+    add_into, f32_slice, product, relu2_gate_grad, relu2_gate_values, rms_norm_grad_w,
+    rms_norm_grad_x, rms_norm_rows, with_cpu_f32, zeroed,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
 use crate::Result;
-use bitnet_quant::kernels::Kernels;
-use bitnet_quant::sgemm::{sgemm, MatRef};
 
 /// The operation's name in error messages.
 const BLOCK: &str = "transformer block";
-
-/// Elements per parallel task of the element-wise sums.
-const SUM_CHUNK: usize = 1 << 14;
 
 /// Parameter gradients that block operations hand over outside candle's graph.
 #[derive(Debug, Default)]
@@ -126,13 +120,6 @@ pub(crate) struct BlockOp {
     linears: [(Tensor, f32); 7],
     saved: OnceLock<Saved>,
     sink: Arc<GradSink>,
-}
-
-/// The elements of `a` plus those of `b`, into `a`.
-fn add_into(a: &mut [f32], b: &[f32]) {
-    a.par_chunks_mut(SUM_CHUNK)
-        .zip(b.par_chunks(SUM_CHUNK))
-        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
 }
 
 impl BlockOp {
@@ -273,21 +260,12 @@ impl BlockOp {
         let dev = dys[0].device();
         let (rows, in_f) = (input.rows(), self.linear_dims(ids[0]).1);
         let x_eff = Tensor::from_vec(input.dequantized(), (rows, in_f), dev)?;
-        let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{BLOCK}: {e}"));
         let mut dx: Option<Vec<f32>> = None;
         for (&i, dy) in ids.iter().zip(dys) {
             let out_f = self.linear_dims(i).0;
             let w_eff = saved.weights[i].effective();
             let part = with_cpu_f32([dy], BLOCK, |[dy]| {
-                let mut part = zeroed(rows * in_f);
-                sgemm(
-                    Kernels::get(),
-                    MatRef::row_major(dy, rows, out_f).map_err(bad)?,
-                    MatRef::row_major(&w_eff, out_f, in_f).map_err(bad)?,
-                    &mut part,
-                )
-                .map_err(bad)?;
-                Ok(part)
+                product(dy, (rows, out_f), &w_eff, in_f, false, BLOCK)
             })?;
             match dx.as_mut() {
                 None => dx = Some(part),

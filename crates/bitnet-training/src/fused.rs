@@ -444,6 +444,40 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     )?)
 }
 
+/// `a @ b` for row-major `a [m, k]` and `b [k, n]` (or `b` stored as its transpose `[n, k]`
+/// when `b_transposed`, read in place) on the kernel sets' f32 tiles (`bitnet_quant::sgemm`),
+/// into a fresh row-major `[m, n]` buffer. Errors name `what`.
+pub(crate) fn product(
+    a: &[f32],
+    (m, k): (usize, usize),
+    b: &[f32],
+    n: usize,
+    b_transposed: bool,
+    what: &str,
+) -> candle_core::Result<Vec<f32>> {
+    use bitnet_quant::sgemm::{sgemm, MatRef};
+    let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{what}: {e}"));
+    let b = if b_transposed {
+        MatRef::row_major(b, n, k).map_err(bad)?.t()
+    } else {
+        MatRef::row_major(b, k, n).map_err(bad)?
+    };
+    let a = MatRef::row_major(a, m, k).map_err(bad)?;
+    let mut out = zeroed(m * n);
+    sgemm(bitnet_quant::kernels::Kernels::get(), a, b, &mut out).map_err(bad)?;
+    Ok(out)
+}
+
+/// Elements per parallel task of [`add_into`].
+const SUM_CHUNK: usize = 1 << 14;
+
+/// The elements of `a` plus those of `b`, into `a`.
+pub(crate) fn add_into(a: &mut [f32], b: &[f32]) {
+    a.par_chunks_mut(SUM_CHUNK)
+        .zip(b.par_chunks(SUM_CHUNK))
+        .for_each(|(a, b)| a.iter_mut().zip(b).for_each(|(a, &b)| *a += b));
+}
+
 /// `x @ w^T` for rows `x [n, k]` and `w [m, k]` (the output head): the forward product on the
 /// kernel sets' f32 tiles (`bitnet_quant::sgemm`, which reads `w` transposed in place and is
 /// about twice as fast as candle's product at the head's wide shape), the backward pass
@@ -462,22 +496,13 @@ impl candle_core::CustomOp2 for ProductWt {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use bitnet_quant::sgemm::{sgemm, MatRef};
         let x = f32_slice(xs, xl, "head product")?;
         let w = f32_slice(ws, wl, "head product")?;
         let ((n, k), (m, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
         if k != kw {
             candle_core::bail!("head product: rows of {k} against weights [{m}, {kw}]");
         }
-        let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("head product: {e}"));
-        let mut out = zeroed(n * m);
-        sgemm(
-            bitnet_quant::kernels::Kernels::get(),
-            MatRef::row_major(x, n, k).map_err(bad)?,
-            MatRef::row_major(w, m, k).map_err(bad)?.t(),
-            &mut out,
-        )
-        .map_err(bad)?;
+        let out = product(x, (n, k), w, m, true, "head product")?;
         Ok((CpuStorage::F32(out), Shape::from((n, m))))
     }
 

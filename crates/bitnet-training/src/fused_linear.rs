@@ -23,7 +23,7 @@ use bitnet_quant::ternary::TernaryMatrix;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{f32_slice, zeroed};
+use crate::fused::{add_into, f32_slice, zeroed};
 use crate::Result;
 
 /// Rows (tokens) per parallel task when quantizing or dequantizing activations.
@@ -261,9 +261,7 @@ impl candle_core::CustomOp3 for BitLinearOp {
                 shape.dims()
             );
         }
-        y.par_chunks_mut(4096)
-            .zip(r.par_chunks(4096))
-            .for_each(|(y, r)| y.iter_mut().zip(r).for_each(|(y, &r)| *y += r));
+        add_into(&mut y, r);
         Ok((CpuStorage::F32(y), shape))
     }
 
