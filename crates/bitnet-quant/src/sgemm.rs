@@ -1,5 +1,6 @@
-//! f32 matrix products `C = A B` for the trainer's straight-through gradients and output head,
-//! on the thread pool, with the kernel set's tile ([`crate::kernels::SgemmTileFn`]).
+//! f32 matrix products `C = A B` (or `C += A B`) for the trainer's straight-through gradients,
+//! output head and attention, on the thread pool or the calling thread, with the kernel set's
+//! tile ([`crate::kernels::SgemmTileFn`]).
 //!
 //! The layout follows the usual blocked scheme: `B` is packed into 16-column panels one block
 //! of `KC` rows at a time (a panel's block is 16 KB, so it stays in L1 while six-row tiles of
@@ -85,8 +86,40 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `c = a b` with `c` row-major `[a.rows, b.cols]`. Errors if the shapes disagree.
+/// `c = a b` with `c` row-major `[a.rows, b.cols]`, on the thread pool. Errors if the shapes
+/// disagree.
 pub fn sgemm(kernels: &Kernels, a: MatRef, b: MatRef, c: &mut [f32]) -> Result<()> {
+    sgemm_with(kernels, a, b, c, Product::default())
+}
+
+/// How [`sgemm_with`] treats `C` and the thread pool.
+#[derive(Debug, Clone, Copy)]
+pub struct Product {
+    /// `c += a b` (each element's chain of fused multiply-adds starts from the value in `c`)
+    /// rather than `c = a b`.
+    pub accumulate: bool,
+    /// Split the rows of `C` over the thread pool; `false` runs on the calling thread, for
+    /// callers that already give each thread its own products (the bits are the same).
+    pub parallel: bool,
+}
+
+impl Default for Product {
+    fn default() -> Self {
+        Product {
+            accumulate: false,
+            parallel: true,
+        }
+    }
+}
+
+/// `c = a b`, or `c += a b`, as `how` says. Errors if the shapes disagree.
+pub fn sgemm_with(
+    kernels: &Kernels,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    how: Product,
+) -> Result<()> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k || c.len() != m * n {
         return Err(Error::InvalidInput(format!(
@@ -99,28 +132,41 @@ pub fn sgemm(kernels: &Kernels, a: MatRef, b: MatRef, c: &mut [f32]) -> Result<(
         return Ok(());
     }
     if k == 0 {
-        c.fill(0.0);
+        if !how.accumulate {
+            c.fill(0.0);
+        }
         return Ok(());
     }
     let panels = n.div_ceil(NR);
     // Split the rows into a multiple of the thread count of blocks, none over MC.
-    let threads = rayon::current_num_threads().max(1);
+    let threads = if how.parallel {
+        rayon::current_num_threads().max(1)
+    } else {
+        1
+    };
     let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
     let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
     let mut packed_b = vec![0f32; panels * KC.min(k) * NR];
     for k0 in (0..k).step_by(KC) {
         let kc = KC.min(k - k0);
+        let accumulate = k0 > 0 || how.accumulate;
         let packed_b = &mut packed_b[..panels * kc * NR];
-        packed_b
-            .par_chunks_mut(kc * NR)
-            .enumerate()
-            .for_each(|(p, dst)| pack_b(&b, k0, p * NR, dst));
+        let pack = |(p, dst): (usize, &mut [f32])| pack_b(&b, k0, p * NR, dst);
+        if how.parallel {
+            packed_b.par_chunks_mut(kc * NR).enumerate().for_each(pack);
+        } else {
+            packed_b.chunks_mut(kc * NR).enumerate().for_each(pack);
+        }
         let packed_b = &*packed_b;
-        c.par_chunks_mut(mc * n)
-            .enumerate()
-            .for_each(|(blk, c_blk)| {
-                block_product(kernels, &a, packed_b, (k0, kc), blk * mc, n, c_blk)
-            });
+        let step = |(blk, c_blk): (usize, &mut [f32])| {
+            let at = (blk * mc, n);
+            block_product(kernels, &a, packed_b, (k0, kc), at, c_blk, accumulate)
+        };
+        if how.parallel {
+            c.par_chunks_mut(mc * n).enumerate().for_each(step);
+        } else {
+            c.chunks_mut(mc * n).enumerate().for_each(step);
+        }
     }
     Ok(())
 }
@@ -129,6 +175,20 @@ pub fn sgemm(kernels: &Kernels, a: MatRef, b: MatRef, c: &mut [f32]) -> Result<(
 /// `16 k`), zeros past the last column.
 fn pack_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
     let width = NR.min(b.cols - j0);
+    let kc = dst.len() / NR;
+    if b.row_stride == 1 && b.col_stride != 1 {
+        // A transposed row-major matrix: each of the panel's columns is a contiguous run.
+        for j in 0..width {
+            let src = &b.data[(j0 + j) * b.col_stride + k0..][..kc];
+            for (row, &v) in dst.chunks_exact_mut(NR).zip(src) {
+                row[j] = v;
+            }
+        }
+        for row in dst.chunks_exact_mut(NR) {
+            row[width..].fill(0.0);
+        }
+        return;
+    }
     for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
         if b.col_stride == 1 {
             let at = (k0 + kk) * b.row_stride + j0;
@@ -146,26 +206,32 @@ fn pack_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
 /// at `6 k`), the missing rows repeating the last one.
 fn pack_a(a: &MatRef, i0: usize, h: usize, k0: usize, dst: &mut [f32]) {
     for (kk, col) in dst.chunks_exact_mut(MR).enumerate() {
-        for (i, v) in col.iter_mut().enumerate() {
-            *v = a.at(i0 + i.min(h - 1), k0 + kk);
+        if a.row_stride == 1 {
+            // A transposed row-major matrix: the panel's column is a contiguous run.
+            let src = &a.data[(k0 + kk) * a.col_stride + i0..][..h];
+            col[..h].copy_from_slice(src);
+            col[h..].fill(src[h - 1]);
+        } else {
+            for (i, v) in col.iter_mut().enumerate() {
+                *v = a.at(i0 + i.min(h - 1), k0 + kk);
+            }
         }
     }
 }
 
 /// The `kc` steps from `k0` of one block of `C`'s rows (`c_blk`, from row `i0`, `n` wide),
-/// added to what the earlier steps left there.
+/// added to what is there when `accumulate`.
 fn block_product(
     kernels: &Kernels,
     a: &MatRef,
     packed_b: &[f32],
     (k0, kc): (usize, usize),
-    i0: usize,
-    n: usize,
+    (i0, n): (usize, usize),
     c_blk: &mut [f32],
+    accumulate: bool,
 ) {
     let rows = c_blk.len() / n;
     let row_panels = rows.div_ceil(MR);
-    let accumulate = k0 > 0;
     // Rows that are contiguous runs are read in place; others (a transposed view) would touch
     // one cache line per step and row, so they are packed once per block.
     let in_place = a.col_stride == 1;
@@ -370,6 +436,50 @@ mod tests {
             .iter()
             .zip(&one)
             .all(|(x, y)| x.to_bits() == y.to_bits()));
+    }
+
+    /// `c += a b` continues each element's chain from the value in `c` (the definition, in
+    /// f32), on the pool and on the calling thread alike, across several `KC` blocks.
+    #[test]
+    fn accumulating_and_serial_products_follow_the_definition() {
+        let (m, k, n) = (19, 300, 21);
+        let (a, b, c0) = (values(m * k, 7), values(k * n, 8), values(m * n, 9));
+        let mut want = c0.clone();
+        for i in 0..m {
+            for j in 0..n {
+                for kk in 0..k {
+                    want[i * n + j] = a[i * k + kk].mul_add(b[kk * n + j], want[i * n + j]);
+                }
+            }
+        }
+        let (av, bv) = (
+            MatRef::row_major(&a, m, k).unwrap(),
+            MatRef::row_major(&b, k, n).unwrap(),
+        );
+        for set in Kernels::available() {
+            for parallel in [true, false] {
+                let how = Product {
+                    accumulate: true,
+                    parallel,
+                };
+                let mut got = c0.clone();
+                sgemm_with(set, av, bv, &mut got, how).unwrap();
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} parallel={parallel}", set.name);
+                let mut plain = vec![f32::NAN; m * n];
+                let how = Product {
+                    accumulate: false,
+                    parallel,
+                };
+                sgemm_with(set, av, bv.t().t(), &mut plain, how).unwrap();
+                let mut pooled = vec![0f32; m * n];
+                sgemm(set, av, bv, &mut pooled).unwrap();
+                assert_eq!(plain, pooled, "{} parallel={parallel}", set.name);
+            }
+        }
     }
 
     #[test]

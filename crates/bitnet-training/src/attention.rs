@@ -5,12 +5,15 @@
 //! probabilities (and their gradients, each zero-filled and added once by candle's backward
 //! pass), copies heads in and out of `[batch, heads, t, head_dim]`, repeats the KV heads, and
 //! multiplies the masked upper triangle too. This operation works per batch row, one task
-//! each: it lays the row's heads out head-major (rotating queries and keys), and for each query
-//! scores the keys up to its position only, with the inference engine's attention kernels
-//! (`score_rows`, `softmax`, `mix_rows` of `bitnet_quant::kernels`, chosen by runtime feature
-//! detection and tested bit for bit against their scalar definitions). The backward pass
-//! rebuilds each query's probabilities with the same kernels (so the same bits, and nothing
-//! kept between the passes) and gathers the keys' gradients per block of `QUERY_BLOCK` queries.
+//! each: it lays the row's heads out head-major (rotating queries and keys) and takes each
+//! head's queries `QUERY_BLOCK` at a time against the keys up to the block's last position, as
+//! matrix products on `bitnet_quant::sgemm` (the kernel set's tile, chosen by runtime feature
+//! detection; one fused multiply-add chain per element, so the same bits on every set): the
+//! block's scores, their softmax over each query's own keys (`softmax` of
+//! `bitnet_quant::kernels`), the weighted sum of the values. Blocks keep the masked work to
+//! the diagonal ones, and products rather than one query at a time keep the scores out of
+//! horizontal sums. The backward pass rebuilds each block's probabilities the same way (so the
+//! same bits, and nothing kept between the passes) and takes the gradients as products too.
 //! Its sums run in another order than the composition's, so the two agree to f32 rounding, not
 //! bit for bit (tested); it is deterministic whatever the thread count.
 
@@ -22,6 +25,7 @@ use rayon::prelude::*;
 use crate::fused::{f32_slice, with_cpu_f32, zeroed};
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
+use bitnet_quant::sgemm::{sgemm_with, MatRef, Product};
 
 /// cos and sin of the RoPE angles, `[positions, head_dim / 2]` each (the rotate-half convention
 /// uses one angle per pair `(i, i + head_dim / 2)`).
@@ -108,8 +112,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The operation's name in error messages.
 const ATT: &str = "causal attention";
 
-/// Query positions per block of the backward pass: the block's probabilities and score
-/// gradients are kept (`heads x block x t`) until the keys' gradients have taken them.
+/// Query positions per block: a block's scores are `QUERY_BLOCK x t` at most, and the work
+/// spent on masked keys is the diagonal blocks' upper halves.
 const QUERY_BLOCK: usize = 64;
 
 /// One batch row `x [t, heads * hd]` head-major, `[heads, t, hd]` (each head's rows
@@ -149,11 +153,20 @@ fn add_from_head_major(
     }
 }
 
-/// `out[n] = m[at + n * stride]`: a column of a row-major block.
-fn column(m: &[f32], at: usize, stride: usize, out: &mut [f32]) {
-    for (n, x) in out.iter_mut().enumerate() {
-        *x = m[at + n * stride];
-    }
+/// The first `rows x cols` values of `data` as a row-major matrix.
+fn mat(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
+    MatRef::row_major(&data[..rows * cols], rows, cols)
+        .expect("a row-major view of exactly its values fits")
+}
+
+/// `c = a b`, or `c += a b` when `accumulate`, on the calling thread (the operation already
+/// gives each thread its own batch rows), one fused multiply-add chain per element.
+fn product(k: &Kernels, a: MatRef, b: MatRef, c: &mut [f32], accumulate: bool) {
+    let how = Product {
+        accumulate,
+        parallel: false,
+    };
+    sgemm_with(k, a, b, c, how).expect("the attention's blocks have matching shapes");
 }
 
 /// The operation's sizes; `t` comes from the arguments.
@@ -275,42 +288,59 @@ impl CausalAttention {
         Ok((q[0], q[1]))
     }
 
-    /// The probabilities of query `i` of head `h` against keys `0..=i` into `p` (`i + 1`
-    /// long): the scores of the rotated query with the rotated keys (`qr`, `kr`: one batch
-    /// row, head-major), then the softmax of the scaled scores. The backward pass calls it
+    /// The probabilities of queries `i0..i1` of head `h` against keys `0..i1` into `p`
+    /// (`[i1 - i0, i1]`, row-major): the scores of the rotated queries with the rotated keys
+    /// (`qr`, `kr`: one batch row, head-major) as one matrix product, then the softmax of each
+    /// query's scaled scores over keys `0..=i`, zeros past it. The backward pass calls it
     /// again and gets the same bits.
     fn probabilities(
         &self,
         k: &Kernels,
         (qr, kr): (&[f32], &[f32]),
-        (i, h): (usize, usize),
+        (i0, i1, h): (usize, usize, usize),
         p: &mut [f32],
     ) {
         let d = &self.dims;
         let (hd, t) = (d.head_dim, qr.len() / d.q_width());
-        let q = &qr[(h * t + i) * hd..][..hd];
-        (k.score_rows_f32)(q, &kr[h / d.group() * t * hd..], hd, p);
-        (k.softmax)(p, self.scale);
+        let queries = &qr[(h * t + i0) * hd..(h * t + i1) * hd];
+        let keys = &kr[h / d.group() * t * hd..][..i1 * hd];
+        product(
+            k,
+            mat(queries, i1 - i0, hd),
+            mat(keys, i1, hd).t(),
+            p,
+            false,
+        );
+        for (r, row) in p.chunks_exact_mut(i1).enumerate() {
+            let (live, masked) = row.split_at_mut(i0 + r + 1);
+            (k.softmax)(live, self.scale);
+            masked.fill(0.0);
+        }
     }
 
-    /// One batch row: `q [t, q_width]`, `k`, `v [t, kv_width]` -> `y [t, q_width]`.
+    /// One batch row: `q [t, q_width]`, `k`, `v [t, kv_width]` -> `y [t, q_width]`, one block
+    /// of `QUERY_BLOCK` queries at a time.
     fn forward_row(&self, k: &Kernels, (q, kk, v): RowArgs, y: &mut [f32]) {
         let d = &self.dims;
-        let (hd, t) = (d.head_dim, q.len() / d.q_width());
+        let (hd, qw, t) = (d.head_dim, d.q_width(), q.len() / d.q_width());
         let rope = Some(&self.rope);
         let (qr, kr) = (
             head_major(q, d.heads, hd, rope),
             head_major(kk, d.kv_heads, hd, rope),
         );
         let vh = head_major(v, d.kv_heads, hd, None);
-        let mut p = vec![0f32; t];
-        for i in 0..t {
-            for h in 0..d.heads {
-                let p = &mut p[..=i];
-                self.probabilities(k, (&qr, &kr), (i, h), p);
-                let out = &mut y[i * d.q_width() + h * hd..][..hd];
-                out.fill(0.0);
-                (k.mix_rows_f32)(out, p, &vh[h / d.group() * t * hd..], hd);
+        let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+        let mut out = vec![0f32; QUERY_BLOCK.min(t) * hd];
+        for h in 0..d.heads {
+            let values = &vh[h / d.group() * t * hd..];
+            for i0 in (0..t).step_by(QUERY_BLOCK) {
+                let i1 = (i0 + QUERY_BLOCK).min(t);
+                let (p, out) = (&mut p[..(i1 - i0) * i1], &mut out[..(i1 - i0) * hd]);
+                self.probabilities(k, (&qr, &kr), (i0, i1, h), p);
+                product(k, mat(p, i1 - i0, i1), mat(values, i1, hd), out, false);
+                for (i, o) in (i0..i1).zip(out.chunks_exact(hd)) {
+                    y[i * qw + h * hd..][..hd].copy_from_slice(o);
+                }
             }
         }
     }
@@ -318,11 +348,9 @@ impl CausalAttention {
     /// The gradients of one batch row, added to `dq`, `dk`, `dv` (the arguments' shapes,
     /// zeroed), from the arguments, the output `y` and its gradient `dy`.
     ///
-    /// Per query (query `i`, head `h`, key `j <= i`): `p` again, `dp_j = dy . v_j`,
-    /// `ds_j = scale * p_j * (dp_j - dy . y)` (the softmax gradient: `sum_j p_j dp_j = dy . y`),
-    /// `dq += ds @ k`. The keys' sums `dk_j += sum ds_j q` and `dv_j += sum p_j dy` run over
-    /// queries, so each block of `QUERY_BLOCK` positions keeps its `p` and `ds` rows and adds
-    /// them key by key, as weighted sums of consecutive query rows.
+    /// Per block of queries `i0..i1` of head `h` (keys `0..i1`), as matrix products: `P`
+    /// again, `dP = dY V^T`, `dS = scale * P * (dP - rowsum(dY * Y))` (the softmax gradient:
+    /// `sum_j p_j dp_j = dy . y`), `dQ = dS K`, `dK += dS^T Q`, `dV += P^T dY`.
     fn backward_row(
         &self,
         k: &Kernels,
@@ -347,41 +375,38 @@ impl CausalAttention {
             vec![0f32; kk.len()],
             vec![0f32; kk.len()],
         );
-        // Block rows `(h, i - i0)`, each `i1` long (keys `0..=i` used).
-        let mut ps = vec![0f32; heads * QUERY_BLOCK.min(t) * t];
-        let mut dss = vec![0f32; ps.len()];
-        let mut w = vec![0f32; QUERY_BLOCK];
-        for i0 in (0..t).step_by(QUERY_BLOCK) {
-            let i1 = (i0 + QUERY_BLOCK).min(t);
-            let nb = i1 - i0;
-            for i in i0..i1 {
-                for h in 0..heads {
-                    let at = (h * nb + i - i0) * i1;
-                    let (p, ds) = (&mut ps[at..at + i + 1], &mut dss[at..at + i + 1]);
-                    self.probabilities(k, (&qr, &kr), (i, h), p);
-                    let (o, g) = ((h * t + i) * hd, h / d.group() * t * hd);
-                    let dyi = &dyh[o..o + hd];
-                    (k.score_rows_f32)(dyi, &vh[g..], hd, ds);
-                    let off = dot(dyi, &y[i * qw + h * hd..][..hd]);
-                    for (x, &pj) in ds.iter_mut().zip(p.iter()) {
+        let mut p = vec![0f32; QUERY_BLOCK.min(t) * t];
+        let mut ds = vec![0f32; p.len()];
+        for h in 0..heads {
+            let g = h / d.group() * t * hd;
+            for i0 in (0..t).step_by(QUERY_BLOCK) {
+                let i1 = (i0 + QUERY_BLOCK).min(t);
+                let nb = i1 - i0;
+                let (p, ds) = (&mut p[..nb * i1], &mut ds[..nb * i1]);
+                self.probabilities(k, (&qr, &kr), (i0, i1, h), p);
+                let rows = (h * t + i0) * hd..(h * t + i1) * hd;
+                let keys = g..g + i1 * hd;
+                let dyb = &dyh[rows.clone()];
+                product(
+                    k,
+                    mat(dyb, nb, hd),
+                    mat(&vh[keys.clone()], i1, hd).t(),
+                    ds,
+                    false,
+                );
+                for (r, (ds, p)) in ds.chunks_exact_mut(i1).zip(p.chunks_exact(i1)).enumerate() {
+                    let i = i0 + r;
+                    let off = dot(&dyb[r * hd..][..hd], &y[i * qw + h * hd..][..hd]);
+                    for (x, &pj) in ds.iter_mut().zip(p) {
                         *x = pj * (*x - off) * self.scale;
                     }
-                    (k.mix_rows_f32)(&mut dqr[o..o + hd], ds, &kr[g..], hd);
                 }
-            }
-            for h in 0..heads {
-                let g = h / d.group() * t;
-                for j in 0..i1 {
-                    // Queries `first..i1` of this block see key `j`.
-                    let first = i0.max(j);
-                    let w = &mut w[..i1 - first];
-                    let (at, rows) = ((h * nb + first - i0) * i1 + j, (h * t + first) * hd);
-                    let key = (g + j) * hd..(g + j + 1) * hd;
-                    column(&dss, at, i1, w);
-                    (k.mix_rows_f32)(&mut dkr[key.clone()], w, &qr[rows..], hd);
-                    column(&ps, at, i1, w);
-                    (k.mix_rows_f32)(&mut dvh[key], w, &dyh[rows..], hd);
-                }
+                let kb = mat(&kr[keys.clone()], i1, hd);
+                product(k, mat(ds, nb, i1), kb, &mut dqr[rows.clone()], false);
+                let (ds_t, p_t) = (mat(ds, nb, i1).t(), mat(p, nb, i1).t());
+                let dk = &mut dkr[keys.clone()];
+                product(k, ds_t, mat(&qr[rows], nb, hd), dk, true);
+                product(k, p_t, mat(dyb, nb, hd), &mut dvh[keys], true);
             }
         }
         add_from_head_major(&dqr, heads, hd, rope, dq);

@@ -25,8 +25,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
-    add_into, f32_slice, product, relu2_gate_grad, relu2_gate_values, rms_norm_grad_w,
-    rms_norm_grad_x, rms_norm_rows, with_cpu_f32, zeroed,
+    add_into, f32_slice, product, relu2_gate_grads, relu2_gate_values, rms_norm_grads,
+    rms_norm_rows, with_cpu_f32, zeroed,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
@@ -287,12 +287,12 @@ impl BlockOp {
         width: usize,
         w: &[f32],
     ) -> candle_core::Result<Vec<f32>> {
-        let dw = rms_norm_grad_w(x, g, width, self.eps);
+        let (dx, dw) = rms_norm_grads(x, w, g, self.eps);
         self.sink.push(
             &self.norms[n],
             Tensor::from_vec(dw, width, self.norms[n].device())?,
         )?;
-        Ok(rms_norm_grad_x(x, w, g, self.eps))
+        Ok(dx)
     }
 
     /// The input's gradient for output gradient `dy` (`[rows, hidden]`), with every
@@ -314,8 +314,7 @@ impl BlockOp {
                 let dm = self.norm_grads(FFN_SUB_NORM, &s.m, &dmn, f, fsn)?;
                 let mut dg = zeroed(dm.len());
                 let mut du = zeroed(dm.len());
-                relu2_gate_grad(&s.g, &s.u, &dm, true, &mut dg);
-                relu2_gate_grad(&s.g, &s.u, &dm, false, &mut du);
+                relu2_gate_grads(&s.g, &s.u, &dm, &mut dg, &mut du);
                 let dgu = [
                     Tensor::from_vec(dg, (rows, f), dev)?,
                     Tensor::from_vec(du, (rows, f), dev)?,

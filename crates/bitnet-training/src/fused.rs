@@ -98,10 +98,27 @@ pub(crate) fn with_cpu_f32<const N: usize, R>(
     f(data)
 }
 
+/// `sum f(i)` over `0..n` in eight running sums (element `i` into sum `i % 8`) added
+/// pairwise at the end: one vector of independent additions instead of one long chain.
+#[inline(always)]
+fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let body = n / 8 * 8;
+    for i in (0..body).step_by(8) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(i + j);
+        }
+    }
+    for (j, a) in acc.iter_mut().enumerate().take(n - body) {
+        *a += f(body + j);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
 /// `1 / sqrt(mean(x^2) + eps)` of one row.
 #[inline]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ss: f32 = row.iter().map(|v| v * v).sum();
+    let ss = sum8(row.len(), |i| row[i] * row[i]);
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
@@ -138,15 +155,21 @@ pub(crate) fn rms_norm_grad_x(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<
                 .zip(x.chunks_exact(n))
                 .zip(g.chunks_exact(n))
             {
-                let r = inv_rms(row, eps);
-                let dot: f32 = gr.iter().zip(w).zip(row).map(|((g, w), x)| g * w * x).sum();
-                let c = r * r * r * dot / n as f32;
-                for (((oi, &gi), &wi), &xi) in o.iter_mut().zip(gr).zip(w).zip(row) {
-                    *oi = r * gi * wi - xi * c;
-                }
+                norm_row_grad_x(row, w, gr, inv_rms(row, eps), o);
             }
         });
     out
+}
+
+/// One row of [`rms_norm_grad_x`] with its `r = inv_rms(row)`.
+#[inline]
+fn norm_row_grad_x(row: &[f32], w: &[f32], g: &[f32], r: f32, out: &mut [f32]) {
+    let n = w.len();
+    let dot = sum8(n, |i| g[i] * w[i] * row[i]);
+    let c = r * r * r * dot / n as f32;
+    for (((oi, &gi), &wi), &xi) in out.iter_mut().zip(g).zip(w).zip(row) {
+        *oi = r * gi * wi - xi * c;
+    }
 }
 
 /// The gain's gradient of [`rms_norm_rows`] over rows of `n`: `dw = sum over rows of g * x * r`
@@ -158,21 +181,59 @@ pub(crate) fn rms_norm_grad_w(x: &[f32], g: &[f32], n: usize, eps: f32) -> Vec<f
         .map(|(x, g)| {
             let mut acc = vec![0f32; n];
             for (row, gr) in x.chunks_exact(n).zip(g.chunks_exact(n)) {
-                let r = inv_rms(row, eps);
-                for ((a, &xi), &gi) in acc.iter_mut().zip(row).zip(gr) {
-                    *a += gi * xi * r;
-                }
+                norm_row_grad_w(row, gr, inv_rms(row, eps), &mut acc);
             }
             acc
         })
         .collect();
+    add_partials(&partials, n)
+}
+
+/// One row's term of [`rms_norm_grad_w`] added to `acc`.
+#[inline]
+fn norm_row_grad_w(row: &[f32], g: &[f32], r: f32, acc: &mut [f32]) {
+    for ((a, &xi), &gi) in acc.iter_mut().zip(row).zip(g) {
+        *a += gi * xi * r;
+    }
+}
+
+/// The per-task partial sums of a gain's gradient, added in task order.
+fn add_partials(partials: &[Vec<f32>], n: usize) -> Vec<f32> {
     let mut dw = vec![0f32; n];
-    for p in &partials {
+    for p in partials {
         for (d, v) in dw.iter_mut().zip(p) {
             *d += v;
         }
     }
     dw
+}
+
+/// [`rms_norm_grad_x`] and [`rms_norm_grad_w`] in one pass over the rows (one `inv_rms` per
+/// row), with the same bits as the two.
+pub(crate) fn rms_norm_grads(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let n = w.len();
+    let mut dx = zeroed(x.len());
+    let partials: Vec<Vec<f32>> = dx
+        .par_chunks_mut(n * ROWS_PER_TASK)
+        .zip(
+            x.par_chunks(n * ROWS_PER_TASK)
+                .zip(g.par_chunks(n * ROWS_PER_TASK)),
+        )
+        .map(|(o, (x, g))| {
+            let mut acc = vec![0f32; n];
+            for ((o, row), gr) in o
+                .chunks_exact_mut(n)
+                .zip(x.chunks_exact(n))
+                .zip(g.chunks_exact(n))
+            {
+                let r = inv_rms(row, eps);
+                norm_row_grad_x(row, w, gr, r, o);
+                norm_row_grad_w(row, gr, r, &mut acc);
+            }
+            acc
+        })
+        .collect();
+    (dx, add_partials(&partials, n))
 }
 
 /// RMSNorm `y = x * inv_rms(x) * w` over the last dimension.
@@ -291,7 +352,19 @@ struct CrossEntropy {
 /// the loop vectorizes.
 #[inline]
 fn row_lse(row: &[f32]) -> f32 {
-    let m = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    // Eight running maxima: the maximum is the same in any order, and lanes vectorise.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let blocks = row.chunks_exact(8);
+    let m = blocks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in blocks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    let m = lanes.iter().fold(m, |m, &l| m.max(l));
     let chunks = row.chunks_exact(8);
     let tail: f32 = chunks
         .remainder()
@@ -555,6 +628,22 @@ pub(crate) fn relu2_gate_grad(g: &[f32], u: &[f32], d: &[f32], wrt_gate: bool, o
         });
 }
 
+/// Both gradients of [`relu2_gate_values`] for output gradient `d` in one pass: the gate's
+/// into `dg`, the value's into `du` (the bits of [`relu2_gate_grad`]).
+pub(crate) fn relu2_gate_grads(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    let c = GATE_CHUNK;
+    dg.par_chunks_mut(c)
+        .zip(du.par_chunks_mut(c))
+        .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))
+        .for_each(|((dg, du), (g, (u, d)))| {
+            for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du).zip(g).zip(u).zip(d) {
+                let r = g.max(0.0);
+                *dg = 2.0 * r * u * d;
+                *du = r * r * d;
+            }
+        });
+}
+
 /// `relu(g)^2 * u`, the b1.58 feed-forward gate, fused; gradients `2 relu(g) u` and `relu(g)^2`.
 struct Relu2Gate;
 
@@ -671,7 +760,15 @@ mod tests {
 
     #[test]
     fn fused_rms_norm_matches_the_composition_with_gradients() {
-        let (rows, n) = (130, 48); // more rows than one task, odd count
+        // More rows than one task, an odd count; widths with and without a tail past the
+        // eight running sums.
+        for (rows, n) in [(130, 48), (70, 45)] {
+            rms_norm_matches_the_composition(rows, n);
+        }
+    }
+
+    fn rms_norm_matches_the_composition(rows: usize, n: usize) {
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let x = Var::from_tensor(
             &Tensor::from_vec(randn(rows * n, 5, 1.3), (rows, n), &Device::Cpu).unwrap(),
         )
@@ -682,7 +779,26 @@ mod tests {
         let eps = 1e-5;
         let fused = rms_norm(x.as_tensor(), w.as_tensor(), eps).unwrap();
         let reference = crate::model::rms_norm(x.as_tensor(), &w, eps).unwrap();
-        assert!(diff(&fused, &reference) <= 1e-6);
+        // Both against the definition in f64, within two f32 roundings of the outputs'
+        // size (the two sum a row's squares in different orders, so they differ by as much).
+        let (xs, ws) = (flat(x.as_tensor()), flat(w.as_tensor()));
+        let exact: Vec<f32> = xs
+            .chunks_exact(n)
+            .flat_map(|row| {
+                let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / n as f64;
+                let r = 1.0 / (ms + eps as f64).sqrt();
+                row.iter()
+                    .zip(&ws)
+                    .map(move |(&v, &wi)| (v as f64 * r * wi as f64) as f32)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let exact = Tensor::from_vec(exact, (rows, n), &Device::Cpu).unwrap();
+        let size = max_abs(&exact);
+        for (name, got) in [("fused", &fused), ("composed", &reference)] {
+            let d = diff(got, &exact);
+            assert!(d <= 2.0 * f32::EPSILON * size, "{name} {n}: {d} of {size}");
+        }
         let ga = weighted_grads(&fused, &up);
         let gb = weighted_grads(&reference, &up);
         for v in [&x, &w] {
@@ -697,6 +813,28 @@ mod tests {
                 diff(a, b)
             );
         }
+    }
+
+    /// The block's one-pass gradients against the separate functions (compared with the
+    /// composition above), bit for bit, on a width with a tail past the eight lanes.
+    #[test]
+    fn one_pass_gradients_equal_the_separate_ones() {
+        let (rows, n) = (130, 45);
+        let (x, g, w) = (
+            randn(rows * n, 1, 1.3),
+            randn(rows * n, 2, 1.0),
+            randn(n, 3, 1.0),
+        );
+        let (dx, dw) = rms_norm_grads(&x, &w, &g, 1e-5);
+        assert_eq!(dx, rms_norm_grad_x(&x, &w, &g, 1e-5));
+        assert_eq!(dw, rms_norm_grad_w(&x, &g, n, 1e-5));
+        let u = randn(rows * n, 4, 1.0);
+        let (mut dg, mut du) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        relu2_gate_grads(&x, &u, &g, &mut dg, &mut du);
+        let (mut want_g, mut want_u) = (vec![0f32; x.len()], vec![0f32; x.len()]);
+        relu2_gate_grad(&x, &u, &g, true, &mut want_g);
+        relu2_gate_grad(&x, &u, &g, false, &mut want_u);
+        assert_eq!((dg, du), (want_g, want_u));
     }
 
     #[test]

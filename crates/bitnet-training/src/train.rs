@@ -71,6 +71,11 @@ pub struct TrainSummary {
     pub params: usize,
     /// Training tokens per second over this session's optimizer steps (no evaluation).
     pub tokens_per_s: f64,
+    /// Median seconds per optimizer step of this session, leaving out its first
+    /// [`WARMUP_STEPS`] steps when it ran more (first-touch allocation and cache warm-up), as
+    /// the PyTorch reference of `scripts/bench_training_vs_torch.sh` measures its steps.
+    #[serde(default)]
+    pub step_seconds_median: f64,
     /// Threads candle was allowed.
     pub threads: usize,
     /// Mean training loss over the last logged interval (nats per token).
@@ -81,6 +86,30 @@ pub struct TrainSummary {
     pub val_nats_per_byte: Option<f64>,
     /// Whether the run reached its last step (false: stopped by `stop_after`).
     pub finished: bool,
+}
+
+/// Leading steps of a session that [`TrainSummary::step_seconds_median`] leaves out.
+pub const WARMUP_STEPS: usize = 3;
+
+/// The median of `times` past the first [`WARMUP_STEPS`] (all of them when there are no
+/// more); 0 for none.
+fn median_after_warmup(times: &mut [f64]) -> f64 {
+    let skip = if times.len() > WARMUP_STEPS {
+        WARMUP_STEPS
+    } else {
+        0
+    };
+    let rest = &mut times[skip..];
+    if rest.is_empty() {
+        return 0.0;
+    }
+    rest.sort_by(f64::total_cmp);
+    let mid = rest.len() / 2;
+    if rest.len() % 2 == 1 {
+        rest[mid]
+    } else {
+        (rest[mid - 1] + rest[mid]) / 2.0
+    }
 }
 
 /// One row of `log.csv`.
@@ -189,6 +218,7 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
     let stop_at = opts.stop_after.map_or(r.steps, |s| s.min(r.steps));
     let step_tokens = (r.batch_size * r.seq_len) as u64;
     let (mut session_tokens, mut session_seconds) = (0u64, 0f64);
+    let mut step_seconds = Vec::new();
     let (mut loss_acc, mut loss_n, mut last_loss) = (0f64, 0u64, f64::NAN);
     let mut last_val = None;
     while meta.step < stop_at {
@@ -201,6 +231,7 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
         let loss_v = loss.to_scalar::<f32>()? as f64;
         let dt = t0.elapsed().as_secs_f64();
         session_seconds += dt;
+        step_seconds.push(dt);
         session_tokens += step_tokens;
         meta.train_seconds += dt;
         meta.tokens_seen += step_tokens;
@@ -262,6 +293,7 @@ pub fn train(cfg: &TrainConfig, files: &DataFiles, opts: &TrainOptions) -> Resul
         tokens: meta.tokens_seen,
         params: cfg.model.param_count(),
         tokens_per_s: session_tokens as f64 / session_seconds.max(1e-9),
+        step_seconds_median: median_after_warmup(&mut step_seconds),
         threads,
         train_loss: last_loss,
         val_loss: last_val,
@@ -391,4 +423,22 @@ pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
 pub fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let text = serde_json::to_string_pretty(v).expect("serializable");
     std::fs::write(path, text + "\n").map_err(|e| TrainError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_after_warmup;
+
+    #[test]
+    fn the_step_median_leaves_out_the_warm_up_steps() {
+        // The three slow leading steps are left out: the median of 1, 2, 4, 3.
+        assert_eq!(
+            median_after_warmup(&mut [9.0, 8.0, 7.0, 1.0, 4.0, 2.0, 3.0]),
+            2.5
+        );
+        assert_eq!(median_after_warmup(&mut [9.0, 8.0, 7.0, 5.0]), 5.0);
+        // A session of no more than three steps keeps them all.
+        assert_eq!(median_after_warmup(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_after_warmup(&mut []), 0.0);
+    }
 }
