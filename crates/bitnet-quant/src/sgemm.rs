@@ -10,6 +10,9 @@
 //! multiply-adds in order of `k`, whatever the blocking or the thread count, so the product is
 //! deterministic and every kernel set gives the same bits.
 
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
 use rayon::prelude::*;
 
 use crate::kernels::{Kernels, SGEMM_MR as MR, SGEMM_NR as NR};
@@ -18,8 +21,38 @@ use crate::{Error, Result};
 /// Rows of `B` packed at a time (a 16-column panel block of 16 KB).
 const KC: usize = 256;
 
+/// Sums longer than this give each thread its own packed `B` (see [`sgemm_with`]).
+const PRIVATE_B_K: usize = 4 * KC;
+
 /// Most rows of `C` per task (a packed block of `A`, `MC x KC`, is 144 KB).
 const MC: usize = 144;
+
+thread_local! {
+    /// Each thread's buffer for packed blocks of `B`.
+    static PACKED_B: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Each thread's buffer for packed blocks of `A`.
+    static PACKED_A: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `f` on `len` values of this thread's buffer `cell` (grown as needed, kept between
+/// products: a fresh packing buffer per product is fresh pages for the kernel to fault in and
+/// zero), or on a new buffer when this thread's is in use further up its stack. The values
+/// are stale: packing writes every one it hands to the tiles.
+fn with_buffer<R>(
+    cell: &'static LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    cell.with(|c| match c.try_borrow_mut() {
+        Ok(mut v) => {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+            f(&mut v[..len])
+        }
+        Err(_) => f(&mut vec![0f32; len]),
+    })
+}
 
 /// A read-only view of an f32 matrix: element `(i, j)` at `data[i * row_stride + j * col_stride]`
 /// (a transpose is the same data with the strides swapped).
@@ -146,28 +179,55 @@ pub fn sgemm_with(
     };
     let blocks = m.div_ceil(MC).div_ceil(threads) * threads;
     let mc = m.div_ceil(blocks).div_ceil(MR) * MR;
-    let mut packed_b = vec![0f32; panels * KC.min(k) * NR];
-    for k0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - k0);
-        let accumulate = k0 > 0 || how.accumulate;
-        let packed_b = &mut packed_b[..panels * kc * NR];
-        let pack = |(p, dst): (usize, &mut [f32])| pack_b(&b, k0, p * NR, dst);
-        if how.parallel {
-            packed_b.par_chunks_mut(kc * NR).enumerate().for_each(pack);
-        } else {
-            packed_b.chunks_mut(kc * NR).enumerate().for_each(pack);
-        }
-        let packed_b = &*packed_b;
-        let step = |(blk, c_blk): (usize, &mut [f32])| {
-            let at = (blk * mc, n);
-            block_product(kernels, &a, packed_b, (k0, kc), at, c_blk, accumulate)
-        };
-        if how.parallel {
-            c.par_chunks_mut(mc * n).enumerate().for_each(step);
-        } else {
-            c.chunks_mut(mc * n).enumerate().for_each(step);
-        }
+    if how.parallel && k > PRIVATE_B_K {
+        // A long sum (a weight gradient over a batch's rows): a barrier per block of `KC`
+        // would cost more than packing `B` once per thread, so each thread takes one run of
+        // rows through the whole sum, packing `B` for itself, a block of at most `MC` rows
+        // at a time.
+        let per_thread = m.div_ceil(threads).div_ceil(MR) * MR;
+        c.par_chunks_mut(per_thread * n)
+            .enumerate()
+            .for_each(|(run, c_run)| {
+                with_buffer(&PACKED_B, panels * KC.min(k) * NR, |packed_b| {
+                    for k0 in (0..k).step_by(KC) {
+                        let kc = KC.min(k - k0);
+                        let packed_b = &mut packed_b[..panels * kc * NR];
+                        for (p, dst) in packed_b.chunks_mut(kc * NR).enumerate() {
+                            pack_b(&b, k0, p * NR, dst);
+                        }
+                        let accumulate = k0 > 0 || how.accumulate;
+                        for (blk, c_blk) in c_run.chunks_mut(mc * n).enumerate() {
+                            let at = (run * per_thread + blk * mc, n);
+                            block_product(kernels, &a, packed_b, (k0, kc), at, c_blk, accumulate);
+                        }
+                    }
+                })
+            });
+        return Ok(());
     }
+    with_buffer(&PACKED_B, panels * KC.min(k) * NR, |packed_b| {
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let accumulate = k0 > 0 || how.accumulate;
+            let packed_b = &mut packed_b[..panels * kc * NR];
+            let pack = |(p, dst): (usize, &mut [f32])| pack_b(&b, k0, p * NR, dst);
+            if how.parallel {
+                packed_b.par_chunks_mut(kc * NR).enumerate().for_each(pack);
+            } else {
+                packed_b.chunks_mut(kc * NR).enumerate().for_each(pack);
+            }
+            let packed_b = &*packed_b;
+            let step = |(blk, c_blk): (usize, &mut [f32])| {
+                let at = (blk * mc, n);
+                block_product(kernels, &a, packed_b, (k0, kc), at, c_blk, accumulate)
+            };
+            if how.parallel {
+                c.par_chunks_mut(mc * n).enumerate().for_each(step);
+            } else {
+                c.chunks_mut(mc * n).enumerate().for_each(step);
+            }
+        }
+    });
     Ok(())
 }
 
@@ -192,6 +252,11 @@ fn pack_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
     for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
         if b.col_stride == 1 {
             let at = (k0 + kk) * b.row_stride + j0;
+            if let Ok(full) = <&[f32; NR]>::try_from(&b.data[at..at + width]) {
+                // A whole panel row: a copy of known size, two vector moves.
+                row.copy_from_slice(full);
+                continue;
+            }
             row[..width].copy_from_slice(&b.data[at..at + width]);
         } else {
             for (j, v) in row[..width].iter_mut().enumerate() {
@@ -235,15 +300,37 @@ fn block_product(
     // Rows that are contiguous runs are read in place; others (a transposed view) would touch
     // one cache line per step and row, so they are packed once per block.
     let in_place = a.col_stride == 1;
-    let packed_a: Vec<f32> = if in_place {
-        Vec::new()
-    } else {
-        let mut p = vec![0f32; row_panels * kc * MR];
-        for (r, dst) in p.chunks_exact_mut(kc * MR).enumerate() {
+    let packed_len = if in_place { 0 } else { row_panels * kc * MR };
+    with_buffer(&PACKED_A, packed_len, |packed_a| {
+        for (r, dst) in packed_a.chunks_exact_mut(kc * MR).enumerate() {
             pack_a(a, i0 + r * MR, MR.min(rows - r * MR), k0, dst);
         }
-        p
-    };
+        row_panel_products(
+            kernels,
+            (a, packed_a),
+            packed_b,
+            (k0, kc),
+            (i0, n),
+            c_blk,
+            accumulate,
+        );
+    });
+}
+
+/// The tiles of [`block_product`], `A`'s rows read in place or from `packed_a` (when not
+/// empty).
+fn row_panel_products(
+    kernels: &Kernels,
+    (a, packed_a): (&MatRef, &[f32]),
+    packed_b: &[f32],
+    (k0, kc): (usize, usize),
+    (i0, n): (usize, usize),
+    c_blk: &mut [f32],
+    accumulate: bool,
+) {
+    let rows = c_blk.len() / n;
+    let row_panels = rows.div_ceil(MR);
+    let in_place = packed_a.is_empty();
     let mut edge = [0f32; MR * NR];
     for r in 0..row_panels {
         let h = MR.min(rows - r * MR);
@@ -366,6 +453,8 @@ mod tests {
             (13, 300, 37),
             (6, 513, 16),
             (50, 40, 33),
+            // A sum long enough for each thread to pack its own `B`.
+            (20, PRIVATE_B_K + 77, 35),
         ] {
             let a_data = values(m * k, 3);
             let b_data = values(k * n, 4);
@@ -414,7 +503,12 @@ mod tests {
 
     #[test]
     fn products_do_not_depend_on_the_thread_count() {
-        let (m, k, n) = (301, 260, 45);
+        for (m, k, n) in [(301, 260, 45), (301, PRIVATE_B_K + 260, 45)] {
+            same_bits_on_one_and_three_threads(m, k, n);
+        }
+    }
+
+    fn same_bits_on_one_and_three_threads(m: usize, k: usize, n: usize) {
         let (a, b) = (values(m * k, 5), values(k * n, 6));
         let run = |threads: usize| {
             let pool = rayon::ThreadPoolBuilder::new()

@@ -96,5 +96,56 @@ fn train_step(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, attention, train_step);
+/// The block's f32 gradient products over the batch's 4096 rows, candle's product (the `gemm`
+/// crate) against `bitnet_quant::sgemm`: weight gradients `dy^T @ x` (`wgrad`, `[out, in]`,
+/// q/k/v, o and down, gate/up stacked) and input gradients `dy @ w` (`xgrad`, `dy [rows, out]`).
+fn gradient_products(c: &mut Criterion) {
+    use bitnet_quant::kernels::Kernels;
+    use bitnet_quant::sgemm::{sgemm, MatRef};
+    let rows = BATCH * T;
+    let mut g = c.benchmark_group("gradient_products");
+    let shapes = [
+        ("wgrad", 512, 256),
+        ("wgrad", 256, 256),
+        ("wgrad", 256, 768),
+        ("wgrad", 1536, 256),
+        ("xgrad", 512, 256),
+        ("xgrad", 256, 768),
+        ("xgrad", 1536, 256),
+    ];
+    for (kind, out_f, in_f) in shapes {
+        let wgrad = kind == "wgrad";
+        let dy = values(rows * out_f, 6);
+        let other = values(if wgrad { rows * in_f } else { out_f * in_f }, 7);
+        g.throughput(Throughput::Elements((rows * out_f * in_f) as u64));
+        let dev = &Device::Cpu;
+        let dy_t = Tensor::from_vec(dy.clone(), (rows, out_f), dev).expect("dy");
+        let other_dims = if wgrad { (rows, in_f) } else { (out_f, in_f) };
+        let other_t = Tensor::from_vec(other.clone(), other_dims, dev).expect("x");
+        let name = format!("{kind}_{out_f}x{in_f}");
+        g.bench_function(format!("candle/{name}"), |b| {
+            b.iter(|| {
+                let lhs = if wgrad {
+                    dy_t.t().expect("t")
+                } else {
+                    dy_t.clone()
+                };
+                black_box(lhs.matmul(&other_t).expect("matmul"))
+            })
+        });
+        let mut out = vec![0f32; if wgrad { out_f * in_f } else { rows * in_f }];
+        g.bench_function(format!("sgemm/{name}"), |b| {
+            b.iter(|| {
+                let dy = MatRef::row_major(&dy, rows, out_f).expect("dy");
+                let lhs = if wgrad { dy.t() } else { dy };
+                let rhs = MatRef::row_major(&other, other_dims.0, other_dims.1).expect("rhs");
+                sgemm(Kernels::get(), lhs, rhs, &mut out).expect("sgemm");
+                black_box(&out);
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, attention, train_step, gradient_products);
 criterion_main!(benches);

@@ -8,10 +8,11 @@
 //! residual stream, and its backward pass runs on the pool. It computes what the per-layer
 //! nodes compute, with the same functions (RMSNorm, BitLinear's exact integer forward and
 //! straight-through products, the attention, the gate), so its forward pass gives the same
-//! bits; its gradients agree with theirs to f32 rounding (the input gradients' products run on
-//! `bitnet_quant::sgemm`, and the gradients of a shared input are added in another order).
+//! bits; its gradients agree with theirs to f32 rounding (the gradient products run on
+//! `bitnet_quant::sgemm`, and the gradients of a shared input are summed in another order).
 //! Being whole, it also quantizes the input that q, k and v share once, and that of gate and
-//! up.
+//! up, and takes each group's gradients as one product per kind (their output gradients side
+//! by side against their weights stacked): one input gradient, no additions of partial ones.
 //!
 //! A single-input operation cannot hand the parameters' gradients back through candle's graph,
 //! so the block leaves them in a [`GradSink`], which
@@ -25,8 +26,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
-    add_into, f32_slice, product, relu2_gate_grads, relu2_gate_values, rms_norm_grads,
-    rms_norm_rows, with_cpu_f32, zeroed,
+    add_into, f32_slice, product, product_tn, relu2_gate_grads, relu2_gate_values, rms_norm_grads,
+    rms_norm_rows, side_by_side, with_cpu_f32, zeroed,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
@@ -246,35 +247,36 @@ impl BlockOp {
         })
     }
 
-    /// The straight-through products of linears `ids` for their output gradients `dys`
-    /// (`[rows, out]` each) and their shared quantized input: the input's gradient (the sum
-    /// of `dy @ (codes / s_w)` over the linears) and each linear's weight gradient
-    /// `dy^T @ (q / s_x)`, handed to the sink.
+    /// The straight-through products of linears `ids` for their output gradients `dy`
+    /// (`[rows, sum of their outs]`, side by side in the order of `ids`) and their shared
+    /// quantized input: the input's gradient `dy @ (codes / s_w)` and the weights' gradients
+    /// `dy^T @ (q / s_x)`, each one product for all of the linears (their weights stacked),
+    /// the weights' handed to the sink.
     fn linear_grads(
         &self,
         saved: &Saved,
         ids: &[usize],
-        dys: &[Tensor],
+        dy: &[f32],
         input: &QuantizedRows,
+        dev: &candle_core::Device,
     ) -> candle_core::Result<Vec<f32>> {
-        let dev = dys[0].device();
         let (rows, in_f) = (input.rows(), self.linear_dims(ids[0]).1);
-        let x_eff = Tensor::from_vec(input.dequantized(), (rows, in_f), dev)?;
-        let mut dx: Option<Vec<f32>> = None;
-        for (&i, dy) in ids.iter().zip(dys) {
-            let out_f = self.linear_dims(i).0;
-            let w_eff = saved.weights[i].effective();
-            let part = with_cpu_f32([dy], BLOCK, |[dy]| {
-                product(dy, (rows, out_f), &w_eff, in_f, false, BLOCK)
-            })?;
-            match dx.as_mut() {
-                None => dx = Some(part),
-                Some(sum) => add_into(sum, &part),
-            }
-            self.sink
-                .push(&self.linears[i].0, dy.t()?.matmul(&x_eff)?)?;
+        let width: usize = ids.iter().map(|&i| self.linear_dims(i).0).sum();
+        let mut w_eff = Vec::with_capacity(width * in_f);
+        for &i in ids {
+            w_eff.extend_from_slice(&saved.weights[i].effective());
         }
-        dx.ok_or_else(|| candle_core::Error::Msg(format!("{BLOCK}: no linears")))
+        let dx = product(dy, (rows, width), &w_eff, in_f, false, BLOCK)?;
+        let mut dw = product_tn(dy, (rows, width), &input.dequantized(), in_f, BLOCK)?;
+        for &i in ids.iter().rev() {
+            let out_f = self.linear_dims(i).0;
+            let part = dw.split_off(dw.len() - out_f * in_f);
+            self.sink.push(
+                &self.linears[i].0,
+                Tensor::from_vec(part, (out_f, in_f), dev)?,
+            )?;
+        }
+        Ok(dx)
     }
 
     /// RMSNorm `n`'s backward pass for input `x` and output gradient `g` (`width` wide): the
@@ -310,36 +312,23 @@ impl BlockOp {
         let dx = with_cpu_f32([x, &dy], BLOCK, |[x, dy_v]| {
             with_cpu_f32(norm_refs, BLOCK, |[an, asn, fnn, fsn]| {
                 // Feed-forward half: down, its norm, the gate, gate and up, their norm.
-                let dmn = self.linear_grads(s, &[DOWN], std::slice::from_ref(&dy), &s.mq)?;
+                let dmn = self.linear_grads(s, &[DOWN], dy_v, &s.mq, dev)?;
                 let dm = self.norm_grads(FFN_SUB_NORM, &s.m, &dmn, f, fsn)?;
-                let mut dg = zeroed(dm.len());
-                let mut du = zeroed(dm.len());
-                relu2_gate_grads(&s.g, &s.u, &dm, &mut dg, &mut du);
-                let dgu = [
-                    Tensor::from_vec(dg, (rows, f), dev)?,
-                    Tensor::from_vec(du, (rows, f), dev)?,
-                ];
-                let dh2 = self.linear_grads(s, &[GATE, UP], &dgu, &s.h2q)?;
+                let mut dgu = zeroed(2 * dm.len());
+                relu2_gate_grads(&s.g, &s.u, &dm, f, &mut dgu);
+                let dh2 = self.linear_grads(s, &[GATE, UP], &dgu, &s.h2q, dev)?;
                 let mut dx1 = self.norm_grads(FFN_NORM, &s.x1, &dh2, h, fnn)?;
                 add_into(&mut dx1, dy_v);
                 // Attention half: o, its norm, the attention, q/k/v, their norm.
-                let dx1_t = Tensor::from_vec(dx1, (rows, h), dev)?;
-                let dan = self.linear_grads(s, &[O], std::slice::from_ref(&dx1_t), &s.aq)?;
+                let dan = self.linear_grads(s, &[O], &dx1, &s.aq, dev)?;
                 let da = self.norm_grads(ATTN_SUB_NORM, &s.a, &dan, qw, asn)?;
                 let (dq, dk, dv) =
                     self.attention
                         .backward_rows((&s.q, &s.k, &s.v), (&s.a, &da), batch, t);
-                let dqkv = [
-                    Tensor::from_vec(dq, (rows, qw), dev)?,
-                    Tensor::from_vec(dk, (rows, kw), dev)?,
-                    Tensor::from_vec(dv, (rows, kw), dev)?,
-                ];
-                let dh = self.linear_grads(s, &[Q, K, V], &dqkv, &s.hq)?;
+                let dqkv = side_by_side(&[(&dq, qw), (&dk, kw), (&dv, kw)], rows);
+                let dh = self.linear_grads(s, &[Q, K, V], &dqkv, &s.hq, dev)?;
                 let mut dx = self.norm_grads(ATTN_NORM, x, &dh, h, an)?;
-                with_cpu_f32([&dx1_t], BLOCK, |[dx1]| {
-                    add_into(&mut dx, dx1);
-                    Ok(())
-                })?;
+                add_into(&mut dx, &dx1);
                 Ok(dx)
             })
         })?;

@@ -541,6 +541,24 @@ pub(crate) fn product(
     Ok(out)
 }
 
+/// `a^T @ b` for `a [k, m]` and `b [k, n]`, both row-major (a weight gradient `dy^T @ x` over
+/// a batch's rows), on [`bitnet_quant::sgemm`]. Errors name `what`.
+pub(crate) fn product_tn(
+    a: &[f32],
+    (k, m): (usize, usize),
+    b: &[f32],
+    n: usize,
+    what: &str,
+) -> candle_core::Result<Vec<f32>> {
+    use bitnet_quant::sgemm::{sgemm, MatRef};
+    let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{what}: {e}"));
+    let a = MatRef::row_major(a, k, m).map_err(bad)?.t();
+    let b = MatRef::row_major(b, k, n).map_err(bad)?;
+    let mut out = zeroed(m * n);
+    sgemm(bitnet_quant::kernels::Kernels::get(), a, b, &mut out).map_err(bad)?;
+    Ok(out)
+}
+
 /// Elements per parallel task of [`add_into`].
 const SUM_CHUNK: usize = 1 << 14;
 
@@ -553,8 +571,8 @@ pub(crate) fn add_into(a: &mut [f32], b: &[f32]) {
 
 /// `x @ w^T` for rows `x [n, k]` and `w [m, k]` (the output head): the forward product on the
 /// kernel sets' f32 tiles (`bitnet_quant::sgemm`, which reads `w` transposed in place and is
-/// about twice as fast as candle's product at the head's wide shape), the backward pass
-/// candle's products `dx = g @ w` and `dw = g^T @ x`.
+/// about twice as fast as candle's product at the head's wide shape), and so are the backward
+/// pass's `dx = g @ w` and `dw = g^T @ x` (candle's products on other devices).
 struct ProductWt;
 
 impl candle_core::CustomOp2 for ProductWt {
@@ -586,7 +604,22 @@ impl candle_core::CustomOp2 for ProductWt {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)))
+        if !(grad.device().is_cpu() && grad.dtype() == candle_core::DType::F32) {
+            return Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)));
+        }
+        let ((n, k), m) = (x.dims2()?, w.dims2()?.0);
+        let grad = grad.contiguous()?;
+        let (dx, dw) = with_cpu_f32([&grad, x, w], "head product", |[g, xs, ws]| {
+            Ok((
+                product(g, (n, m), ws, k, false, "head product")?,
+                product_tn(g, (n, m), xs, k, "head product")?,
+            ))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, k), dev)?),
+            Some(Tensor::from_vec(dw, (m, k), dev)?),
+        ))
     }
 }
 
@@ -628,20 +661,48 @@ pub(crate) fn relu2_gate_grad(g: &[f32], u: &[f32], d: &[f32], wrt_gate: bool, o
         });
 }
 
-/// Both gradients of [`relu2_gate_values`] for output gradient `d` in one pass: the gate's
-/// into `dg`, the value's into `du` (the bits of [`relu2_gate_grad`]).
-pub(crate) fn relu2_gate_grads(g: &[f32], u: &[f32], d: &[f32], dg: &mut [f32], du: &mut [f32]) {
-    let c = GATE_CHUNK;
-    dg.par_chunks_mut(c)
-        .zip(du.par_chunks_mut(c))
-        .zip(g.par_chunks(c).zip(u.par_chunks(c).zip(d.par_chunks(c))))
-        .for_each(|((dg, du), (g, (u, d)))| {
-            for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du).zip(g).zip(u).zip(d) {
-                let r = g.max(0.0);
-                *dg = 2.0 * r * u * d;
-                *du = r * r * d;
+/// Both gradients of [`relu2_gate_values`] for output gradient `d` (rows of `f`) in one pass,
+/// side by side in the rows of `out` (`[rows, 2 f]`): the gate's `2 relu(g) u d`, then the
+/// value's `relu(g)^2 d` (the bits of [`relu2_gate_grad`]), as gate and up's products take
+/// them together.
+pub(crate) fn relu2_gate_grads(g: &[f32], u: &[f32], d: &[f32], f: usize, out: &mut [f32]) {
+    let c = ROWS_PER_TASK;
+    out.par_chunks_mut(2 * f * c)
+        .zip(
+            g.par_chunks(f * c)
+                .zip(u.par_chunks(f * c).zip(d.par_chunks(f * c))),
+        )
+        .for_each(|(o, (g, (u, d)))| {
+            let rows = o.chunks_exact_mut(2 * f).zip(g.chunks_exact(f));
+            for ((o, g), (u, d)) in rows.zip(u.chunks_exact(f).zip(d.chunks_exact(f))) {
+                let (dg, du) = o.split_at_mut(f);
+                for ((((dg, du), &g), &u), &d) in dg.iter_mut().zip(du).zip(g).zip(u).zip(d) {
+                    let r = g.max(0.0);
+                    *dg = 2.0 * r * u * d;
+                    *du = r * r * d;
+                }
             }
         });
+}
+
+/// The rows of `parts` (each `[rows, width]`, the widths given) side by side, `[rows, sum of
+/// the widths]`.
+pub(crate) fn side_by_side(parts: &[(&[f32], usize)], rows: usize) -> Vec<f32> {
+    let width: usize = parts.iter().map(|p| p.1).sum();
+    let mut out = zeroed(rows * width);
+    out.par_chunks_mut(width * ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(task, o)| {
+            for (r, o) in o.chunks_exact_mut(width).enumerate() {
+                let row = task * ROWS_PER_TASK + r;
+                let mut at = 0;
+                for &(p, w) in parts {
+                    o[at..at + w].copy_from_slice(&p[row * w..(row + 1) * w]);
+                    at += w;
+                }
+            }
+        });
+    out
 }
 
 /// `relu(g)^2 * u`, the b1.58 feed-forward gate, fused; gradients `2 relu(g) u` and `relu(g)^2`.
@@ -829,12 +890,14 @@ mod tests {
         assert_eq!(dx, rms_norm_grad_x(&x, &w, &g, 1e-5));
         assert_eq!(dw, rms_norm_grad_w(&x, &g, n, 1e-5));
         let u = randn(rows * n, 4, 1.0);
-        let (mut dg, mut du) = (vec![0f32; x.len()], vec![0f32; x.len()]);
-        relu2_gate_grads(&x, &u, &g, &mut dg, &mut du);
+        let mut both = vec![0f32; 2 * x.len()];
+        relu2_gate_grads(&x, &u, &g, n, &mut both);
         let (mut want_g, mut want_u) = (vec![0f32; x.len()], vec![0f32; x.len()]);
         relu2_gate_grad(&x, &u, &g, true, &mut want_g);
         relu2_gate_grad(&x, &u, &g, false, &mut want_u);
-        assert_eq!((dg, du), (want_g, want_u));
+        assert_eq!(both, side_by_side(&[(&want_g, n), (&want_u, n)], rows));
+        let (gate, up) = (&both[3 * 2 * n..][..n], &both[3 * 2 * n + n..][..n]);
+        assert_eq!((gate, up), (&want_g[3 * n..4 * n], &want_u[3 * n..4 * n]));
     }
 
     #[test]
