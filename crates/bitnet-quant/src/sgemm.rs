@@ -305,76 +305,54 @@ fn block_product(
         for (r, dst) in packed_a.chunks_exact_mut(kc * MR).enumerate() {
             pack_a(a, i0 + r * MR, MR.min(rows - r * MR), k0, dst);
         }
-        row_panel_products(
-            kernels,
-            (a, packed_a),
-            packed_b,
-            (k0, kc),
-            (i0, n),
-            c_blk,
-            accumulate,
-        );
-    });
-}
-
-/// The tiles of [`block_product`], `A`'s rows read in place or from `packed_a` (when not
-/// empty).
-fn row_panel_products(
-    kernels: &Kernels,
-    (a, packed_a): (&MatRef, &[f32]),
-    packed_b: &[f32],
-    (k0, kc): (usize, usize),
-    (i0, n): (usize, usize),
-    c_blk: &mut [f32],
-    accumulate: bool,
-) {
-    let rows = c_blk.len() / n;
-    let row_panels = rows.div_ceil(MR);
-    let in_place = packed_a.is_empty();
-    let mut edge = [0f32; MR * NR];
-    for r in 0..row_panels {
-        let h = MR.min(rows - r * MR);
-        let (data, step, offsets): (&[f32], usize, [usize; MR]) = if in_place {
-            let first = |i: usize| (i0 + r * MR + i.min(h - 1)) * a.row_stride + k0;
-            (a.data, 1, std::array::from_fn(first))
-        } else {
-            (
-                &packed_a[r * kc * MR..(r + 1) * kc * MR],
-                MR,
-                std::array::from_fn(|i| i),
-            )
-        };
-        for (p, panel) in packed_b.chunks_exact(kc * NR).enumerate() {
-            let j0 = p * NR;
-            let width = NR.min(n - j0);
-            let at = r * MR * n + j0;
-            if h == MR && width == NR {
-                (kernels.sgemm_tile)(
-                    kc,
-                    data,
-                    &offsets,
-                    step,
-                    panel,
-                    &mut c_blk[at..],
-                    n,
-                    accumulate,
-                );
+        let packed_a = &*packed_a;
+        let mut edge = [0f32; MR * NR];
+        for r in 0..row_panels {
+            let h = MR.min(rows - r * MR);
+            let (data, step, offsets): (&[f32], usize, [usize; MR]) = if in_place {
+                let first = |i: usize| (i0 + r * MR + i.min(h - 1)) * a.row_stride + k0;
+                (a.data, 1, std::array::from_fn(first))
             } else {
-                // A partial tile goes through a full-size buffer.
-                if accumulate {
-                    for i in 0..h {
-                        edge[i * NR..i * NR + width]
-                            .copy_from_slice(&c_blk[at + i * n..at + i * n + width]);
+                (
+                    &packed_a[r * kc * MR..(r + 1) * kc * MR],
+                    MR,
+                    std::array::from_fn(|i| i),
+                )
+            };
+            for (p, panel) in packed_b.chunks_exact(kc * NR).enumerate() {
+                let j0 = p * NR;
+                let width = NR.min(n - j0);
+                let at = r * MR * n + j0;
+                if h == MR && width == NR {
+                    (kernels.sgemm_tile)(
+                        kc,
+                        data,
+                        &offsets,
+                        step,
+                        panel,
+                        &mut c_blk[at..],
+                        n,
+                        accumulate,
+                    );
+                } else {
+                    // A partial tile goes through a full-size buffer.
+                    if accumulate {
+                        for i in 0..h {
+                            edge[i * NR..i * NR + width]
+                                .copy_from_slice(&c_blk[at + i * n..at + i * n + width]);
+                        }
                     }
-                }
-                (kernels.sgemm_tile)(kc, data, &offsets, step, panel, &mut edge, NR, accumulate);
-                for i in 0..h {
-                    c_blk[at + i * n..at + i * n + width]
-                        .copy_from_slice(&edge[i * NR..i * NR + width]);
+                    (kernels.sgemm_tile)(
+                        kc, data, &offsets, step, panel, &mut edge, NR, accumulate,
+                    );
+                    for i in 0..h {
+                        c_blk[at + i * n..at + i * n + width]
+                            .copy_from_slice(&edge[i * NR..i * NR + width]);
+                    }
                 }
             }
         }
-    }
+    });
 }
 
 #[cfg(test)]
