@@ -22,7 +22,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{f32_slice, with_cpu_f32, zeroed};
+use crate::fused::{f32_slice, sum8, with_cpu_f32, zeroed};
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::sgemm::{sgemm_with, MatRef, Product};
@@ -90,23 +90,10 @@ fn rotate_back_add(g: &[f32], (c, s): (&[f32], &[f32]), out: &mut [f32]) {
     }
 }
 
-/// `sum a[k] * b[k]` with eight running sums, so that the compiler keeps them in one vector.
+/// `sum a[k] * b[k]` in eight running sums.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
+    sum8(a.len(), |i| a[i] * b[i])
 }
 
 /// The operation's name in error messages.

@@ -11,6 +11,8 @@ use rayon::prelude::*;
 
 use crate::Result;
 use bitnet_quant::kernels::scalar::exp_nonpositive;
+use bitnet_quant::kernels::Kernels;
+use bitnet_quant::sgemm::{sgemm, MatRef};
 
 /// Per-token int8 quantize-dequantize (see [`crate::bitlinear::quantize_activations`]) with the
 /// straight-through gradient, in one pass.
@@ -98,10 +100,11 @@ pub(crate) fn with_cpu_f32<const N: usize, R>(
     f(data)
 }
 
-/// `sum f(i)` over `0..n` in eight running sums (element `i` into sum `i % 8`) added
-/// pairwise at the end: one vector of independent additions instead of one long chain.
+/// `sum f(i)` over `0..n` in eight running sums (element `i` of the whole blocks of eight into
+/// sum `i % 8`), added pairwise, then the tail's sum: one vector of independent additions
+/// instead of one long chain.
 #[inline(always)]
-fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
     let mut acc = [0f32; 8];
     let body = n / 8 * 8;
     for i in (0..body).step_by(8) {
@@ -109,10 +112,8 @@ fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
             *a += f(i + j);
         }
     }
-    for (j, a) in acc.iter_mut().enumerate().take(n - body) {
-        *a += f(body + j);
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+    let tail: f32 = (body..n).map(&f).sum();
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// `1 / sqrt(mean(x^2) + eps)` of one row.
@@ -365,20 +366,7 @@ fn row_lse(row: &[f32]) -> f32 {
         }
     }
     let m = lanes.iter().fold(m, |m, &l| m.max(l));
-    let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|&v| exp_nonpositive(v - m))
-        .sum();
-    let mut acc = [0f32; 8];
-    for c in chunks {
-        for j in 0..8 {
-            acc[j] += exp_nonpositive(c[j] - m);
-        }
-    }
-    let s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    m + (s + tail).ln()
+    m + sum8(row.len(), |i| exp_nonpositive(row[i] - m)).ln()
 }
 
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
@@ -528,17 +516,12 @@ pub(crate) fn product(
     b_transposed: bool,
     what: &str,
 ) -> candle_core::Result<Vec<f32>> {
-    use bitnet_quant::sgemm::{sgemm, MatRef};
-    let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{what}: {e}"));
     let b = if b_transposed {
-        MatRef::row_major(b, n, k).map_err(bad)?.t()
+        MatRef::row_major(b, n, k).map(MatRef::t)
     } else {
-        MatRef::row_major(b, k, n).map_err(bad)?
+        MatRef::row_major(b, k, n)
     };
-    let a = MatRef::row_major(a, m, k).map_err(bad)?;
-    let mut out = zeroed(m * n);
-    sgemm(bitnet_quant::kernels::Kernels::get(), a, b, &mut out).map_err(bad)?;
-    Ok(out)
+    product_of(MatRef::row_major(a, m, k), b, m * n, what)
 }
 
 /// `a^T @ b` for `a [k, m]` and `b [k, n]`, both row-major (a weight gradient `dy^T @ x` over
@@ -550,12 +533,20 @@ pub(crate) fn product_tn(
     n: usize,
     what: &str,
 ) -> candle_core::Result<Vec<f32>> {
-    use bitnet_quant::sgemm::{sgemm, MatRef};
+    let a = MatRef::row_major(a, k, m).map(MatRef::t);
+    product_of(a, MatRef::row_major(b, k, n), m * n, what)
+}
+
+/// The `len` values of `a b` for views that fit their data (errors name `what`).
+fn product_of(
+    a: bitnet_quant::Result<MatRef>,
+    b: bitnet_quant::Result<MatRef>,
+    len: usize,
+    what: &str,
+) -> candle_core::Result<Vec<f32>> {
     let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{what}: {e}"));
-    let a = MatRef::row_major(a, k, m).map_err(bad)?.t();
-    let b = MatRef::row_major(b, k, n).map_err(bad)?;
-    let mut out = zeroed(m * n);
-    sgemm(bitnet_quant::kernels::Kernels::get(), a, b, &mut out).map_err(bad)?;
+    let mut out = zeroed(len);
+    sgemm(Kernels::get(), a.map_err(bad)?, b.map_err(bad)?, &mut out).map_err(bad)?;
     Ok(out)
 }
 
