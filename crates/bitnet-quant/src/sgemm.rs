@@ -274,6 +274,15 @@ fn pack_a(a: &MatRef, i0: usize, h: usize, k0: usize, dst: &mut [f32]) {
         if a.row_stride == 1 {
             // A transposed row-major matrix: the panel's column is a contiguous run.
             let src = &a.data[(k0 + kk) * a.col_stride + i0..][..h];
+            // A whole column as a copy of known size (two moves): a slice copy of six
+            // values is a call to `memmove`, which cost the weight gradients a tenth.
+            if let (Ok(full), Ok(dst)) = (
+                <&[f32; MR]>::try_from(src),
+                <&mut [f32; MR]>::try_from(&mut *col),
+            ) {
+                *dst = *full;
+                continue;
+            }
             col[..h].copy_from_slice(src);
             col[h..].fill(src[h - 1]);
         } else {

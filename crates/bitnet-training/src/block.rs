@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
     add_into, f32_slice, product, product_tn, relu2_gate_grads, relu2_gate_values, rms_norm_grads,
-    rms_norm_rows, side_by_side, with_cpu_f32, zeroed,
+    side_by_side, with_cpu_f32, zeroed,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
@@ -195,7 +195,7 @@ impl BlockOp {
     /// The block's output for `x` (`batch * t` rows of `hidden`), keeping what the backward
     /// pass needs.
     fn output(&self, x: &[f32], batch: usize, t: usize) -> candle_core::Result<Vec<f32>> {
-        let (h, f, qw, eps) = (self.hidden, self.ffn, self.q_width, self.eps);
+        let eps = self.eps;
         let weight_refs: [&Tensor; 7] = std::array::from_fn(|i| &self.linears[i].0);
         let weights = with_cpu_f32(weight_refs, BLOCK, |ws| {
             ws.iter()
@@ -208,23 +208,24 @@ impl BlockOp {
         })?;
         let norm_refs: [&Tensor; 4] = std::array::from_fn(|i| &self.norms[i]);
         with_cpu_f32(norm_refs, BLOCK, |[an, asn, fnn, fsn]| {
-            let quantized = |v: &[f32], width: usize, layer: usize| {
-                QuantizedRows::new(v, width, weights[layer].padded_in())
+            // Each linear's input is the RMSNorm of a stream, quantized row by row.
+            let quantized = |v: &[f32], gain: &[f32], layer: usize| {
+                QuantizedRows::normalized(v, gain, eps, weights[layer].padded_in())
             };
-            let hq = quantized(&rms_norm_rows(x, an, eps), h, Q);
+            let hq = quantized(x, an, Q);
             let (q, k, v) = (
                 weights[Q].forward(&hq),
                 weights[K].forward(&hq),
                 weights[V].forward(&hq),
             );
             let a = self.attention.forward_rows((&q, &k, &v), batch, t);
-            let aq = quantized(&rms_norm_rows(&a, asn, eps), qw, O);
+            let aq = quantized(&a, asn, O);
             let mut x1 = weights[O].forward(&aq);
             add_into(&mut x1, x);
-            let h2q = quantized(&rms_norm_rows(&x1, fnn, eps), h, GATE);
+            let h2q = quantized(&x1, fnn, GATE);
             let (g, u) = (weights[GATE].forward(&h2q), weights[UP].forward(&h2q));
             let m = relu2_gate_values(&g, &u);
-            let mq = quantized(&rms_norm_rows(&m, fsn, eps), f, DOWN);
+            let mq = quantized(&m, fsn, DOWN);
             let mut out = weights[DOWN].forward(&mq);
             add_into(&mut out, &x1);
             // One forward per operation value (a fresh one per call), so this is set once.

@@ -10,7 +10,6 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Result;
-use bitnet_quant::kernels::scalar::exp_nonpositive;
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::sgemm::{sgemm, MatRef};
 
@@ -131,13 +130,19 @@ pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
         .zip(x.par_chunks(n * ROWS_PER_TASK))
         .for_each(|(o, x)| {
             for (o, row) in o.chunks_exact_mut(n).zip(x.chunks_exact(n)) {
-                let r = inv_rms(row, eps);
-                for ((oi, &xi), &wi) in o.iter_mut().zip(row).zip(w) {
-                    *oi = xi * r * wi;
-                }
+                rms_norm_row(row, w, eps, o);
             }
         });
     out
+}
+
+/// One row of [`rms_norm_rows`] into `out`.
+#[inline]
+pub(crate) fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let r = inv_rms(row, eps);
+    for ((oi, &xi), &wi) in out.iter_mut().zip(row).zip(w) {
+        *oi = xi * r * wi;
+    }
 }
 
 /// The input gradient of [`rms_norm_rows`] for output gradient `g`:
@@ -349,10 +354,9 @@ struct CrossEntropy {
     lse: OnceLock<Arc<Vec<f32>>>,
 }
 
-/// The logsumexp of a row of logits; the exponentials summed in eight running sums so that
-/// the loop vectorizes.
+/// The logsumexp of a row of logits, the exponentials summed by the kernel set's `exp_sum`.
 #[inline]
-fn row_lse(row: &[f32]) -> f32 {
+fn row_lse(kernels: &Kernels, row: &[f32]) -> f32 {
     // Eight running maxima: the maximum is the same in any order, and lanes vectorise.
     let mut lanes = [f32::NEG_INFINITY; 8];
     let blocks = row.chunks_exact(8);
@@ -366,7 +370,7 @@ fn row_lse(row: &[f32]) -> f32 {
         }
     }
     let m = lanes.iter().fold(m, |m, &l| m.max(l));
-    m + sum8(row.len(), |i| exp_nonpositive(row[i] - m)).ln()
+    m + (kernels.exp_sum)(row, m).ln()
 }
 
 fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
@@ -400,6 +404,7 @@ impl candle_core::CustomOp2 for CrossEntropy {
         if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
         }
+        let kernels = Kernels::get();
         let mut lse = vec![0f32; n];
         let partial: Vec<f32> = logits
             .par_chunks(v * ROWS_PER_TASK)
@@ -410,7 +415,7 @@ impl candle_core::CustomOp2 for CrossEntropy {
                     .zip(t)
                     .zip(lse)
                     .map(|((row, &t), l)| {
-                        *l = row_lse(row);
+                        *l = row_lse(kernels, row);
                         *l - row[t as usize]
                     })
                     .sum::<f32>()
@@ -470,6 +475,7 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
                 self.lse.len()
             );
         }
+        let kernels = Kernels::get();
         let mut out = zeroed(logits.len());
         out.par_chunks_mut(v * ROWS_PER_TASK)
             .zip(
@@ -485,9 +491,7 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
                     .zip(t)
                     .zip(lse)
                 {
-                    for (oi, &x) in o.iter_mut().zip(row) {
-                        *oi = exp_nonpositive(x - lse) * k;
-                    }
+                    (kernels.exp_scaled)(row, lse, k, o);
                     o[t as usize] -= k;
                 }
             });

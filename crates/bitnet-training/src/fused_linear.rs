@@ -23,7 +23,7 @@ use bitnet_quant::ternary::TernaryMatrix;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{add_into, f32_slice, zeroed};
+use crate::fused::{add_into, f32_slice, rms_norm_row, zeroed};
 use crate::Result;
 
 /// Rows (tokens) per parallel task when quantizing or dequantizing activations.
@@ -42,6 +42,16 @@ pub(crate) struct QuantizedRows {
 impl QuantizedRows {
     /// Quantizes the `in_f`-wide rows of `x` into rows of `padded_in` codes.
     pub(crate) fn new(x: &[f32], in_f: usize, padded_in: usize) -> Self {
+        Self::build(x, in_f, padded_in, None)
+    }
+
+    /// Quantizes the RMSNorm of each row of `x` with gain `w` (`in_f` wide) and `eps`: the
+    /// codes of [`Self::new`] on [`rms_norm_rows`]' output, without writing that out.
+    pub(crate) fn normalized(x: &[f32], w: &[f32], eps: f32, padded_in: usize) -> Self {
+        Self::build(x, w.len(), padded_in, Some((w, eps)))
+    }
+
+    fn build(x: &[f32], in_f: usize, padded_in: usize, norm: Option<(&[f32], f32)>) -> Self {
         let rows = x.len() / in_f.max(1);
         let mut xq = AlignedBuffer::zeroed(rows * padded_in);
         let mut s_x = vec![0f32; rows];
@@ -50,12 +60,19 @@ impl QuantizedRows {
             .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(in_f * ROWS_PER_TASK))
             .for_each(|((q, s), x)| {
+                let mut normed = vec![0f32; if norm.is_some() { in_f } else { 0 }];
                 for ((q, s), x) in q
                     .chunks_exact_mut(padded_in)
                     .zip(s)
                     .zip(x.chunks_exact(in_f))
                 {
-                    *s = quantize_activations(x, q);
+                    *s = match norm {
+                        Some((w, eps)) => {
+                            rms_norm_row(x, w, eps, &mut normed);
+                            quantize_activations(&normed, q)
+                        }
+                        None => quantize_activations(x, q),
+                    };
                 }
             });
         QuantizedRows {

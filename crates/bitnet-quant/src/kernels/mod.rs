@@ -129,6 +129,18 @@ pub type MixRowsFn<E> = fn(out: &mut [f32], w: &[f32], values: &[E], stride: usi
 /// makes the whole row NaN.
 pub type SoftmaxFn = fn(x: &mut [f32], scale: f32);
 
+/// The cross-entropy's softmax denominator: `sum_i exp(x_i - shift)` by
+/// [`scalar::exp_nonpositive`] (every `x_i <= shift`: `shift` is the row's maximum), in
+/// [`SOFTMAX_SUMS`] running sums (sum `j` takes `i mod 8`, in order of `i`) combined by
+/// [`combine_lanes`], as [`SoftmaxFn`] sums. One rounded f32 operation per step, so every
+/// implementation gives the same bits.
+pub type ExpSumFn = fn(x: &[f32], shift: f32) -> f32;
+
+/// The cross-entropy's gradient row: `out_i = exp(x_i - shift) * scale` by
+/// [`scalar::exp_nonpositive`] (`shift` at least every `x_i`), for `i < x.len()`. Panics if
+/// `out` is shorter than `x`.
+pub type ExpScaledFn = fn(x: &[f32], shift: f32, scale: f32, out: &mut [f32]);
+
 /// Rows of an f32 matrix-product tile ([`SgemmTileFn`]).
 pub const SGEMM_MR: usize = 6;
 
@@ -283,6 +295,10 @@ pub struct Kernels {
     pub mix_rows_f16: MixRowsFn<half::f16>,
     /// Softmax of a row of attention scores.
     pub softmax: SoftmaxFn,
+    /// Sum of a row's shifted exponentials (the trainer's cross-entropy).
+    pub exp_sum: ExpSumFn,
+    /// A row's shifted exponentials, scaled (the cross-entropy's gradient).
+    pub exp_scaled: ExpScaledFn,
     /// Dot product of a Q8_0 row with f32 values (a quantized output head).
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
@@ -311,6 +327,8 @@ impl Kernels {
         mix_rows_f32: scalar::mix_rows::<f32>,
         mix_rows_f16: scalar::mix_rows::<half::f16>,
         softmax: scalar::softmax,
+        exp_sum: scalar::exp_sum,
+        exp_scaled: scalar::exp_scaled,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
         sgemm_tile: scalar::sgemm_tile,
@@ -331,6 +349,8 @@ impl Kernels {
         mix_rows_f32: x86::attention::mix_rows::<f32>,
         mix_rows_f16: x86::attention::mix_rows::<half::f16>,
         softmax: x86::attention::softmax,
+        exp_sum: x86::attention::exp_sum,
+        exp_scaled: x86::attention::exp_scaled,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
         sgemm_tile: x86::sgemm::tile,
@@ -380,6 +400,8 @@ impl Kernels {
         mix_rows_f32: aarch64::attention::mix_rows::<f32>,
         mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
         softmax: aarch64::attention::softmax,
+        exp_sum: aarch64::attention::exp_sum,
+        exp_scaled: aarch64::attention::exp_scaled,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
         sgemm_tile: aarch64::sgemm::tile,
@@ -400,6 +422,8 @@ impl Kernels {
         mix_rows_f32: aarch64::attention::mix_rows::<f32>,
         mix_rows_f16: aarch64::attention::mix_rows::<half::f16>,
         softmax: aarch64::attention::softmax,
+        exp_sum: aarch64::attention::exp_sum,
+        exp_scaled: aarch64::attention::exp_scaled,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
         sgemm_tile: aarch64::sgemm::tile,
@@ -695,6 +719,54 @@ mod tests {
         assert_eq!(scalar::exp_nonpositive(-87.5), 0.0);
         assert_eq!(scalar::exp_nonpositive(f32::NEG_INFINITY), 0.0);
         assert!(scalar::exp_nonpositive(f32::NAN).is_nan());
+    }
+
+    /// The cross-entropy's exponentials: every set against the scalar one, bit for bit, on
+    /// lengths with and without a tail; the scalar sum against f64's within its rounding.
+    #[test]
+    fn exp_sum_and_scaled_sets_match_scalar_bit_for_bit() {
+        let mut bits = xorshift(0x5eed_e4b5_0c1a_0002u64);
+        let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        for n in [1usize, 3, 7, 8, 9, 15, 16, 17, 100, 2048, 2053] {
+            for spread in [0.5f32, 8.0, 60.0, 200.0] {
+                let x: Vec<f32> = (0..n).map(|_| next() * spread).collect();
+                let m = x.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let want = scalar::exp_sum(&x, m);
+                let exact: f64 = x.iter().map(|&v| ((v - m) as f64).exp()).sum();
+                // Each term within a few ulp (see `exponential_matches_f64`), the n additions
+                // within one rounding each.
+                let bound = exact * (n as f64 + 8.0) * 2f64.powi(-23);
+                assert!(
+                    (want as f64 - exact).abs() <= bound,
+                    "n={n}: {want} vs {exact}"
+                );
+                let mut want_scaled = vec![0f32; n];
+                scalar::exp_scaled(&x, m, 0.37, &mut want_scaled);
+                for (i, &v) in x.iter().enumerate() {
+                    let e = scalar::exp_nonpositive(v - m) * 0.37;
+                    assert_eq!(want_scaled[i].to_bits(), e.to_bits());
+                }
+                for k in Kernels::available() {
+                    let got = (k.exp_sum)(&x, m);
+                    assert_eq!(got.to_bits(), want.to_bits(), "{} n={n}", k.name);
+                    // A longer output keeps its values past `x.len()`.
+                    let mut out = vec![5.0f32; n + 3];
+                    (k.exp_scaled)(&x, m, 0.37, &mut out);
+                    let same = out[..n]
+                        .iter()
+                        .zip(&want_scaled)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same && out[n..] == [5.0; 3], "{} n={n}", k.name);
+                }
+            }
+        }
+        for k in Kernels::available() {
+            // exp(0) terms: the sum counts them exactly; a NaN poisons the sum.
+            assert_eq!((k.exp_sum)(&[2.0; 19], 2.0), 19.0, "{}", k.name);
+            let mut x = vec![0.0f32; 12];
+            x[10] = f32::NAN;
+            assert!((k.exp_sum)(&x, 0.0).is_nan(), "{}", k.name);
+        }
     }
 
     /// Softmax: every set against the scalar one, bit for bit, on lengths with and without a

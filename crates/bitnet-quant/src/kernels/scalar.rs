@@ -186,8 +186,8 @@ pub const EXP_POLY: [f32; 8] = [
 /// operations every SIMD set repeats exactly: `n = round_ties_even(d * log2(e))` (here by
 /// adding and subtracting `1.5 * 2^23`, exact in that range), `r = (d - n * LN2_HI) - n *
 /// LN2_LO`, Horner's rule over [`EXP_POLY`], times `2^n` built in the exponent bits. 0 below
-/// [`EXP_MIN`]; NaN for NaN. Branch-free, so loops over it vectorize (the trainer's softmaxes
-/// use it too).
+/// [`EXP_MIN`]; NaN for NaN. Branch-free, so loops over it vectorize (the trainer's attention
+/// softmax and cross-entropy use it through the kernel sets).
 #[inline(always)]
 pub fn exp_nonpositive(d: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer.
@@ -232,6 +232,22 @@ pub fn softmax(x: &mut [f32], scale: f32) {
     let inv = 1.0 / combine_lanes(&sums);
     for v in x.iter_mut() {
         *v *= inv;
+    }
+}
+
+/// Reference sum of shifted exponentials; see [`super::ExpSumFn`].
+pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
+    let mut sums = [0f32; SOFTMAX_SUMS];
+    for (i, &v) in x.iter().enumerate() {
+        sums[i % SOFTMAX_SUMS] += exp_nonpositive(v - shift);
+    }
+    combine_lanes(&sums)
+}
+
+/// Reference scaled shifted exponentials; see [`super::ExpScaledFn`].
+pub fn exp_scaled(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    for (o, &v) in out[..x.len()].iter_mut().zip(x) {
+        *o = exp_nonpositive(v - shift) * scale;
     }
 }
 

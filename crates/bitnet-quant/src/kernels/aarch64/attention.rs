@@ -3,7 +3,9 @@
 //! f32 and f16 caches, in the scalar kernels' order (see [`crate::kernels::ScoreRowsFn`],
 //! [`crate::kernels::SoftmaxFn`] and [`crate::kernels::MixRowsFn`]), so the bits agree. As on
 //! x86, one call covers a run of rows, the scores take eight rows per query load, and the
-//! weighted sum keeps up to 64 outputs in registers through all the rows.
+//! weighted sum keeps up to 64 outputs in registers through all the rows. The trainer's
+//! cross-entropy shares the softmax's exponential ([`crate::kernels::ExpSumFn`],
+//! [`crate::kernels::ExpScaledFn`]).
 
 use std::arch::aarch64::*;
 use std::arch::is_aarch64_feature_detected;
@@ -277,6 +279,63 @@ unsafe fn softmax_neon(x: &mut [f32], scale: f32) {
     for v in x[full..].iter_mut() {
         *v *= inv;
     }
+}
+
+/// Sum of shifted exponentials; see [`crate::kernels::ExpSumFn`]. Falls back to the scalar
+/// kernel without NEON.
+pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::exp_sum(x, shift);
+    }
+    // SAFETY: NEON was just detected; the kernel reads `x` only.
+    unsafe { exp_sum_neon(x, shift) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn exp_sum_neon(x: &[f32], shift: f32) -> f32 {
+    let full = x.len() / 8 * 8;
+    let p = x.as_ptr();
+    let sv = vdupq_n_f32(shift);
+    // Sums 0-3 in `lo`, 4-7 in `hi`: lane j of the scalar kernel's eight.
+    let (mut lo, mut hi) = (vdupq_n_f32(0.0), vdupq_n_f32(0.0));
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 <= full <= x.len().
+        unsafe {
+            lo = vaddq_f32(lo, exp4(vsubq_f32(vld1q_f32(p.add(i)), sv)));
+            hi = vaddq_f32(hi, exp4(vsubq_f32(vld1q_f32(p.add(i + 4)), sv)));
+        }
+    }
+    // SAFETY: NEON is enabled here; the function only stores registers.
+    let mut sums: [f32; SOFTMAX_SUMS] = unsafe { store_sums(&[lo, hi]) };
+    for (j, &v) in x[full..].iter().enumerate() {
+        sums[j] += scalar::exp_nonpositive(v - shift);
+    }
+    combine_lanes(&sums)
+}
+
+/// Scaled shifted exponentials; see [`crate::kernels::ExpScaledFn`]. Falls back to the scalar
+/// kernel without NEON.
+pub fn exp_scaled(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    let out = &mut out[..x.len()];
+    if !is_aarch64_feature_detected!("neon") {
+        return scalar::exp_scaled(x, shift, scale, out);
+    }
+    // SAFETY: NEON was just detected; `out` is as long as `x`, the only memory touched.
+    unsafe { exp_scaled_neon(x, shift, scale, out) }
+}
+
+#[target_feature(enable = "neon")]
+unsafe fn exp_scaled_neon(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    let full = x.len() / 4 * 4;
+    let (sv, kv) = (vdupq_n_f32(shift), vdupq_n_f32(scale));
+    for i in (0..full).step_by(4) {
+        // SAFETY: i + 4 <= full <= x.len() = out.len().
+        unsafe {
+            let e = exp4(vsubq_f32(vld1q_f32(x.as_ptr().add(i)), sv));
+            vst1q_f32(out.as_mut_ptr().add(i), vmulq_f32(e, kv));
+        }
+    }
+    scalar::exp_scaled(&x[full..], shift, scale, &mut out[full..]);
 }
 
 /// [`scalar::exp_nonpositive`] of four values, with the same operations in the same order.

@@ -2,7 +2,8 @@
 //! shared by every x86 set: the scores of one query against a run of key rows, their softmax, and the weighted
 //! sum of a run of value rows, for f32 and f16 caches, in the scalar kernels' order (see
 //! [`crate::kernels::ScoreRowsFn`], [`crate::kernels::SoftmaxFn`] and
-//! [`crate::kernels::MixRowsFn`]), so the bits agree.
+//! [`crate::kernels::MixRowsFn`]), so the bits agree. The trainer's cross-entropy shares the
+//! softmax's exponential ([`crate::kernels::ExpSumFn`], [`crate::kernels::ExpScaledFn`]).
 //!
 //! One call covers a run of rows, so the feature check, the call and the setup are paid once
 //! per run rather than once per cached position (per-row calls cost more than the arithmetic
@@ -286,6 +287,59 @@ unsafe fn softmax_avx2(x: &mut [f32], scale: f32) {
     for v in x[full..].iter_mut() {
         *v *= inv;
     }
+}
+
+/// Sum of shifted exponentials; see [`crate::kernels::ExpSumFn`]. Falls back to the scalar
+/// kernel without AVX2.
+pub fn exp_sum(x: &[f32], shift: f32) -> f32 {
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::exp_sum(x, shift);
+    }
+    // SAFETY: AVX2 was just detected; the kernel reads `x` only.
+    unsafe { exp_sum_avx2(x, shift) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn exp_sum_avx2(x: &[f32], shift: f32) -> f32 {
+    let full = x.len() / 8 * 8;
+    let sv = _mm256_set1_ps(shift);
+    let mut acc = _mm256_setzero_ps();
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 <= full <= x.len().
+        let v = unsafe { _mm256_loadu_ps(x.as_ptr().add(i)) };
+        acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(v, sv)));
+    }
+    // SAFETY: AVX is enabled here (AVX2 implies it); the function only stores registers.
+    let mut sums: [f32; SOFTMAX_SUMS] = unsafe { store_sums(&[acc]) };
+    for (j, &v) in x[full..].iter().enumerate() {
+        sums[j] += scalar::exp_nonpositive(v - shift);
+    }
+    combine_lanes(&sums)
+}
+
+/// Scaled shifted exponentials; see [`crate::kernels::ExpScaledFn`]. Falls back to the scalar
+/// kernel without AVX2.
+pub fn exp_scaled(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    let out = &mut out[..x.len()];
+    if !is_x86_feature_detected!("avx2") {
+        return scalar::exp_scaled(x, shift, scale, out);
+    }
+    // SAFETY: AVX2 was just detected; `out` is as long as `x`, the only memory touched.
+    unsafe { exp_scaled_avx2(x, shift, scale, out) }
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn exp_scaled_avx2(x: &[f32], shift: f32, scale: f32, out: &mut [f32]) {
+    let full = x.len() / 8 * 8;
+    let (sv, kv) = (_mm256_set1_ps(shift), _mm256_set1_ps(scale));
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 <= full <= x.len() = out.len().
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x.as_ptr().add(i)), sv));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_mul_ps(e, kv));
+        }
+    }
+    scalar::exp_scaled(&x[full..], shift, scale, &mut out[full..]);
 }
 
 /// [`scalar::exp_nonpositive`] of eight values, with the same operations in the same order.

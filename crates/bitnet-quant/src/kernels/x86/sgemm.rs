@@ -80,6 +80,15 @@ unsafe fn tile_fma(
             a.add(rows[4]),
             a.add(rows[5]),
         ];
+        // The next tile along the row (the caller's next panel) reads and writes the 16
+        // values after these in each row: start fetching them now, so that its first loads
+        // of `c` do not wait on memory. A hint only: `wrapping_add` keeps the address
+        // computation defined even past the end of `c`, and a prefetch never faults.
+        for i in 0..SGEMM_MR {
+            let next = c.wrapping_add(i * ldc + SGEMM_NR) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(next);
+            _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(63));
+        }
         let mut bp = b;
         let mut off = 0usize;
         for _ in 0..kc {
