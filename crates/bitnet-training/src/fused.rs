@@ -383,6 +383,80 @@ fn u32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]
     Ok(&data[a..b])
 }
 
+/// The mean cross-entropy of `n` rows of `v` logits against `targets`, with each row's
+/// logsumexp (what the gradient needs). Errors on a target count or id that does not fit.
+fn cross_entropy_rows(
+    logits: &[f32],
+    targets: &[u32],
+    (n, v): (usize, usize),
+) -> candle_core::Result<(f32, Vec<f32>)> {
+    if targets.len() != n {
+        candle_core::bail!("cross-entropy: {n} rows but {} targets", targets.len());
+    }
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
+        candle_core::bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
+    }
+    let kernels = Kernels::get();
+    let mut lse = vec![0f32; n];
+    let partial: Vec<f32> = logits
+        .par_chunks(v * ROWS_PER_TASK)
+        .zip(targets.par_chunks(ROWS_PER_TASK))
+        .zip(lse.par_chunks_mut(ROWS_PER_TASK))
+        .map(|((rows, t), lse)| {
+            rows.chunks_exact(v)
+                .zip(t)
+                .zip(lse)
+                .map(|((row, &t), l)| {
+                    *l = row_lse(kernels, row);
+                    *l - row[t as usize]
+                })
+                .sum::<f32>()
+        })
+        .collect();
+    let total: f32 = partial.iter().sum();
+    Ok((total / n as f32, lse))
+}
+
+/// `scale * (softmax(row) - onehot(target)) / n` for each of the `n` rows of `v` logits, from
+/// the rows' logsumexp `lse`.
+fn cross_entropy_grad_rows(
+    logits: &[f32],
+    targets: &[u32],
+    lse: &[f32],
+    (n, v): (usize, usize),
+    scale: f32,
+) -> candle_core::Result<Vec<f32>> {
+    if lse.len() != n || targets.len() != n {
+        candle_core::bail!(
+            "cross-entropy grad: {} logsumexps and {} targets for {n} rows",
+            lse.len(),
+            targets.len()
+        );
+    }
+    let kernels = Kernels::get();
+    let k = scale / n as f32;
+    let mut out = zeroed(logits.len());
+    out.par_chunks_mut(v * ROWS_PER_TASK)
+        .zip(
+            logits
+                .par_chunks(v * ROWS_PER_TASK)
+                .zip(targets.par_chunks(ROWS_PER_TASK))
+                .zip(lse.par_chunks(ROWS_PER_TASK)),
+        )
+        .for_each(|(o, ((rows, t), lse))| {
+            for (((o, row), &t), &lse) in o
+                .chunks_exact_mut(v)
+                .zip(rows.chunks_exact(v))
+                .zip(t)
+                .zip(lse)
+            {
+                (kernels.exp_scaled)(row, lse, k, o);
+                o[t as usize] -= k;
+            }
+        });
+    Ok(out)
+}
+
 impl candle_core::CustomOp2 for CrossEntropy {
     fn name(&self) -> &'static str {
         "bitnet-cross-entropy"
@@ -398,33 +472,10 @@ impl candle_core::CustomOp2 for CrossEntropy {
         let logits = f32_slice(ls, ll, "cross-entropy")?;
         let targets = u32_slice(ts, tl)?;
         let (n, v) = ll.shape().dims2()?;
-        if targets.len() != n {
-            candle_core::bail!("cross-entropy: {n} rows but {} targets", targets.len());
-        }
-        if let Some(&bad) = targets.iter().find(|&&t| t as usize >= v) {
-            candle_core::bail!("cross-entropy: target {bad} outside a vocabulary of {v}");
-        }
-        let kernels = Kernels::get();
-        let mut lse = vec![0f32; n];
-        let partial: Vec<f32> = logits
-            .par_chunks(v * ROWS_PER_TASK)
-            .zip(targets.par_chunks(ROWS_PER_TASK))
-            .zip(lse.par_chunks_mut(ROWS_PER_TASK))
-            .map(|((rows, t), lse)| {
-                rows.chunks_exact(v)
-                    .zip(t)
-                    .zip(lse)
-                    .map(|((row, &t), l)| {
-                        *l = row_lse(kernels, row);
-                        *l - row[t as usize]
-                    })
-                    .sum::<f32>()
-            })
-            .collect();
-        let total: f32 = partial.iter().sum();
+        let (loss, lse) = cross_entropy_rows(logits, targets, (n, v))?;
         // One forward per operation value (a fresh one per call), so this is set once.
         let _ = self.lse.set(Arc::new(lse));
-        Ok((CpuStorage::F32(vec![total / n as f32]), Shape::from(())))
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
     fn bwd(
@@ -467,34 +518,8 @@ impl candle_core::CustomOp2 for CrossEntropyGrad {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let logits = f32_slice(ls, ll, "cross-entropy grad")?;
         let targets = u32_slice(ts, tl)?;
-        let (n, v) = ll.shape().dims2()?;
-        let k = self.scale / n as f32;
-        if self.lse.len() != n {
-            candle_core::bail!(
-                "cross-entropy grad: {} logsumexps for {n} rows",
-                self.lse.len()
-            );
-        }
-        let kernels = Kernels::get();
-        let mut out = zeroed(logits.len());
-        out.par_chunks_mut(v * ROWS_PER_TASK)
-            .zip(
-                logits
-                    .par_chunks(v * ROWS_PER_TASK)
-                    .zip(targets.par_chunks(ROWS_PER_TASK))
-                    .zip(self.lse.par_chunks(ROWS_PER_TASK)),
-            )
-            .for_each(|(o, ((rows, t), lse))| {
-                for (((o, row), &t), &lse) in o
-                    .chunks_exact_mut(v)
-                    .zip(rows.chunks_exact(v))
-                    .zip(t)
-                    .zip(lse)
-                {
-                    (kernels.exp_scaled)(row, lse, k, o);
-                    o[t as usize] -= k;
-                }
-            });
+        let dims = ll.shape().dims2()?;
+        let out = cross_entropy_grad_rows(logits, targets, &self.lse, dims, self.scale)?;
         Ok((CpuStorage::F32(out), ll.shape().clone()))
     }
 }
@@ -623,6 +648,85 @@ impl candle_core::CustomOp2 for ProductWt {
 /// products. CPU f32 tensors only.
 pub fn product_wt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(x.contiguous()?.apply_op2(&w.contiguous()?, ProductWt)?)
+}
+
+/// The output head and the cross-entropy as one operation: `mean cross-entropy(x @ w^T,
+/// targets)` for rows `x [n, k]`, head weights `w [m, k]` and `targets [n]` (u32), the pieces
+/// of [`product_wt`] and [`cross_entropy`] in the same order, so the same loss and gradient
+/// bits. As two graph nodes, the `[n, m]` logits' gradient (the largest tensor of a step)
+/// gets a zero-filled copy and an addition from candle's backward pass, on one thread; as one,
+/// it never enters the graph.
+struct HeadLoss {
+    /// The logits and each row's logsumexp, kept by the forward pass for the backward one.
+    saved: OnceLock<(Vec<f32>, Vec<f32>)>,
+}
+
+impl candle_core::CustomOp3 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "bitnet-head-loss"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        ts: &CpuStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, "head loss")?;
+        let w = f32_slice(ws, wl, "head loss")?;
+        let targets = u32_slice(ts, tl)?;
+        let ((n, k), (m, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+        if k != kw {
+            candle_core::bail!("head loss: rows of {k} against weights [{m}, {kw}]");
+        }
+        let logits = product(x, (n, k), w, m, true, "head loss")?;
+        let (loss, lse) = cross_entropy_rows(&logits, targets, (n, m))?;
+        // One forward per operation value (a fresh one per call), so this is set once.
+        let _ = self.saved.set((logits, lse));
+        Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let Some((logits, lse)) = self.saved.get() else {
+            candle_core::bail!("head loss: backward pass without a CPU forward pass");
+        };
+        let scale = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        let ((n, k), m) = (x.dims2()?, w.dims2()?.0);
+        let targets = targets.to_vec1::<u32>()?;
+        let d = cross_entropy_grad_rows(logits, &targets, lse, (n, m), scale)?;
+        let (dx, dw) = with_cpu_f32([x, w], "head loss", |[xs, ws]| {
+            Ok((
+                product(&d, (n, m), ws, k, false, "head loss")?,
+                product_tn(&d, (n, m), xs, k, "head loss")?,
+            ))
+        })?;
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, (n, k), dev)?),
+            Some(Tensor::from_vec(dw, (m, k), dev)?),
+            None,
+        ))
+    }
+}
+
+/// Mean cross-entropy of the head's logits `x @ w^T` (`x [n, k]`, `w [m, k]`) against
+/// `targets [n]` (u32) as one operation; see [`HeadLoss`]. CPU f32 tensors only.
+pub fn head_loss(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let op = HeadLoss {
+        saved: OnceLock::new(),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w.contiguous()?, &targets.contiguous()?, op)?)
 }
 
 /// Elements per parallel task of the element-wise gate.
@@ -893,6 +997,45 @@ mod tests {
         assert_eq!(both, side_by_side(&[(&want_g, n), (&want_u, n)], rows));
         let (gate, up) = (&both[3 * 2 * n..][..n], &both[3 * 2 * n + n..][..n]);
         assert_eq!((gate, up), (&want_g[3 * n..4 * n], &want_u[3 * n..4 * n]));
+    }
+
+    /// The fused head and loss against the head product followed by the cross-entropy (the
+    /// same functions in the same order): the same loss bits and the same gradient bits for
+    /// the rows and the head's weights, on odd sizes; a bad target is an error.
+    #[test]
+    fn head_loss_matches_product_then_cross_entropy_bit_for_bit() {
+        let (n, k, m) = (45, 19, 53);
+        let x = Var::from_tensor(
+            &Tensor::from_vec(randn(n * k, 21, 1.0), (n, k), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let w = Var::from_tensor(
+            &Tensor::from_vec(randn(m * k, 22, 0.5), (m, k), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let t: Vec<u32> = (0..n as u32).map(|i| (i * 11) % m as u32).collect();
+        let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+        let fused = head_loss(x.as_tensor(), w.as_tensor(), &t).unwrap();
+        let logits = product_wt(x.as_tensor(), w.as_tensor()).unwrap();
+        let reference = cross_entropy(&logits, &t).unwrap();
+        let bits = |l: &Tensor| l.to_scalar::<f32>().unwrap().to_bits();
+        assert_eq!(bits(&fused), bits(&reference));
+        let ga = fused.affine(1.5, 0.0).unwrap().backward().unwrap();
+        let gb = reference.affine(1.5, 0.0).unwrap().backward().unwrap();
+        for p in [&x, &w] {
+            let (a, b) = (
+                ga.get(p.as_tensor()).unwrap(),
+                gb.get(p.as_tensor()).unwrap(),
+            );
+            assert!(max_abs(b) > 0.0);
+            let (a, b) = (
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            );
+            assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()));
+        }
+        let bad = Tensor::from_vec(vec![m as u32; n], n, &Device::Cpu).unwrap();
+        assert!(head_loss(x.as_tensor(), w.as_tensor(), &bad).is_err());
     }
 
     #[test]

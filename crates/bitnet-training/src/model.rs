@@ -224,6 +224,22 @@ impl Transformer {
     /// model on the CPU only: see module `block`); the blocks' parameter gradients then
     /// land in `sink`, not in the graph.
     fn logits_with(&self, ids: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
+        let x = self.final_hidden(ids, sink)?;
+        let head = self.head_weights();
+        if x.device().is_cpu() {
+            return crate::fused::product_wt(&x, head);
+        }
+        Ok(x.matmul(&head.t()?)?)
+    }
+
+    /// The output head's weights `[vocab, hidden]`: its own, or the tied embedding.
+    fn head_weights(&self) -> &Tensor {
+        self.head.as_ref().unwrap_or(&self.embed).as_tensor()
+    }
+
+    /// The final norm's output `[batch * seq, hidden]`, the head's input (`sink` as for
+    /// [`Self::logits_with`]).
+    fn final_hidden(&self, ids: &Tensor, sink: Option<&Arc<GradSink>>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let s = &self.shape;
         let mut x = self
@@ -265,12 +281,7 @@ impl Transformer {
         } else {
             rms_norm(&x, &self.final_norm, s.rms_norm_eps)?
         };
-        let head = self.head.as_ref().unwrap_or(&self.embed);
-        let x = x.reshape((b * t, s.hidden_size))?;
-        if x.device().is_cpu() {
-            return crate::fused::product_wt(&x, head.as_tensor());
-        }
-        Ok(x.matmul(&head.as_tensor().t()?)?)
+        Ok(x.reshape((b * t, s.hidden_size))?)
     }
 
     /// The input of linear layers: RMSNorm of `x` with gain `w` (fused on the CPU). The
@@ -331,12 +342,13 @@ impl Transformer {
         let (_, n) = ids.dims2()?;
         let inputs = ids.narrow(1, 0, n - 1)?.contiguous()?;
         let targets = ids.narrow(1, 1, n - 1)?.flatten_all()?;
-        let flat = self.logits_with(&inputs, sink)?;
-        if flat.device().is_cpu() {
-            crate::fused::cross_entropy(&flat, &targets)
-        } else {
-            Ok(candle_nn::loss::cross_entropy(&flat, &targets)?)
+        if self.device.is_cpu() {
+            // Head and loss as one operation: the logits stay out of the graph.
+            let x = self.final_hidden(&inputs, sink)?;
+            return crate::fused::head_loss(&x, self.head_weights(), &targets);
         }
+        let flat = self.logits_with(&inputs, sink)?;
+        Ok(candle_nn::loss::cross_entropy(&flat, &targets)?)
     }
 }
 
