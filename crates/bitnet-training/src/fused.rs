@@ -607,13 +607,7 @@ impl candle_core::CustomOp2 for ProductWt {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "head product")?;
-        let w = f32_slice(ws, wl, "head product")?;
-        let ((n, k), (m, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
-        if k != kw {
-            candle_core::bail!("head product: rows of {k} against weights [{m}, {kw}]");
-        }
-        let out = product(x, (n, k), w, m, true, "head product")?;
+        let (out, n, m) = head_logits((xs, xl), (ws, wl), "head product")?;
         Ok((CpuStorage::F32(out), Shape::from((n, m))))
     }
 
@@ -627,20 +621,42 @@ impl candle_core::CustomOp2 for ProductWt {
         if !(grad.device().is_cpu() && grad.dtype() == candle_core::DType::F32) {
             return Ok((Some(grad.matmul(w)?), Some(grad.t()?.matmul(x)?)));
         }
-        let ((n, k), m) = (x.dims2()?, w.dims2()?.0);
         let grad = grad.contiguous()?;
-        let (dx, dw) = with_cpu_f32([&grad, x, w], "head product", |[g, xs, ws]| {
-            Ok((
-                product(g, (n, m), ws, k, false, "head product")?,
-                product_tn(g, (n, m), xs, k, "head product")?,
-            ))
-        })?;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (n, k), dev)?),
-            Some(Tensor::from_vec(dw, (m, k), dev)?),
-        ))
+        let (dx, dw) = with_cpu_f32([&grad], "head product", |[g]| head_grads(g, x, w))?;
+        Ok((Some(dx), Some(dw)))
     }
+}
+
+/// The logits `x @ w^T` of rows `x [n, k]` and head weights `w [m, k]` (CPU f32 storages),
+/// with `n` and `m`. Errors name `what`.
+fn head_logits(
+    (xs, xl): (&CpuStorage, &Layout),
+    (ws, wl): (&CpuStorage, &Layout),
+    what: &str,
+) -> candle_core::Result<(Vec<f32>, usize, usize)> {
+    let (x, w) = (f32_slice(xs, xl, what)?, f32_slice(ws, wl, what)?);
+    let ((n, k), (m, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
+    if k != kw {
+        candle_core::bail!("{what}: rows of {k} against weights [{m}, {kw}]");
+    }
+    Ok((product(x, (n, k), w, m, true, what)?, n, m))
+}
+
+/// The head's gradients `(dx = g @ w, dw = g^T @ x)` for the gradient `g [n, m]` of `x @ w^T`
+/// (`x [n, k]`, `w [m, k]`, CPU f32), on the kernel sets' f32 tiles.
+fn head_grads(g: &[f32], x: &Tensor, w: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let ((n, k), m) = (x.dims2()?, w.dims2()?.0);
+    let (dx, dw) = with_cpu_f32([x, w], "head product", |[xs, ws]| {
+        Ok((
+            product(g, (n, m), ws, k, false, "head product")?,
+            product_tn(g, (n, m), xs, k, "head product")?,
+        ))
+    })?;
+    let dev = x.device();
+    Ok((
+        Tensor::from_vec(dx, (n, k), dev)?,
+        Tensor::from_vec(dw, (m, k), dev)?,
+    ))
 }
 
 /// `x @ w^T` of `x [n, k]` and `w [m, k]` (the output head) as one operation: the forward
@@ -675,14 +691,8 @@ impl candle_core::CustomOp3 for HeadLoss {
         ts: &CpuStorage,
         tl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = f32_slice(xs, xl, "head loss")?;
-        let w = f32_slice(ws, wl, "head loss")?;
+        let (logits, n, m) = head_logits((xs, xl), (ws, wl), "head loss")?;
         let targets = u32_slice(ts, tl)?;
-        let ((n, k), (m, kw)) = (xl.shape().dims2()?, wl.shape().dims2()?);
-        if k != kw {
-            candle_core::bail!("head loss: rows of {k} against weights [{m}, {kw}]");
-        }
-        let logits = product(x, (n, k), w, m, true, "head loss")?;
         let (loss, lse) = cross_entropy_rows(&logits, targets, (n, m))?;
         // One forward per operation value (a fresh one per call), so this is set once.
         let _ = self.saved.set((logits, lse));
@@ -701,26 +711,18 @@ impl candle_core::CustomOp3 for HeadLoss {
             candle_core::bail!("head loss: backward pass without a CPU forward pass");
         };
         let scale = grad.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
-        let ((n, k), m) = (x.dims2()?, w.dims2()?.0);
+        let (n, m) = (x.dims2()?.0, w.dims2()?.0);
         let targets = targets.to_vec1::<u32>()?;
         let d = cross_entropy_grad_rows(logits, &targets, lse, (n, m), scale)?;
-        let (dx, dw) = with_cpu_f32([x, w], "head loss", |[xs, ws]| {
-            Ok((
-                product(&d, (n, m), ws, k, false, "head loss")?,
-                product_tn(&d, (n, m), xs, k, "head loss")?,
-            ))
-        })?;
-        let dev = x.device();
-        Ok((
-            Some(Tensor::from_vec(dx, (n, k), dev)?),
-            Some(Tensor::from_vec(dw, (m, k), dev)?),
-            None,
-        ))
+        let (dx, dw) = head_grads(&d, x, w)?;
+        Ok((Some(dx), Some(dw), None))
     }
 }
 
 /// Mean cross-entropy of the head's logits `x @ w^T` (`x [n, k]`, `w [m, k]`) against
-/// `targets [n]` (u32) as one operation; see [`HeadLoss`]. CPU f32 tensors only.
+/// `targets [n]` (u32) as one operation: [`product_wt`] then [`cross_entropy`], the same
+/// loss and gradient bits, without the `[n, m]` logits (and their gradient) in candle's
+/// graph. CPU f32 tensors only.
 pub fn head_loss(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let op = HeadLoss {
         saved: OnceLock::new(),
