@@ -131,12 +131,26 @@ pub fn int8_of_integer(v: f32) -> i8 {
 pub fn quantize_activations(x: &[f32], q: &mut [i8]) -> f32 {
     debug_assert!(q.len() >= x.len());
     let amax = x.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-    let s = (1.0 / amax.max(QUANT_EPS)) * 127.0;
+    let s = activation_scale(amax);
     for (qi, &xi) in q.iter_mut().zip(x) {
-        *qi = int8_of_integer(round_half_even_small(xi * s).clamp(-128.0, 127.0));
+        *qi = activation_code(xi * s);
     }
     q[x.len()..].fill(0);
     s
+}
+
+/// The activation scale `s_x` of a token whose largest magnitude is `amax`, as PyTorch
+/// evaluates `127 / max(amax, 1e-5)` (see [`quantize_activations`]).
+#[inline]
+pub fn activation_scale(amax: f32) -> f32 {
+    (1.0 / amax.max(QUANT_EPS)) * 127.0
+}
+
+/// The int8 code of one scaled activation `v = x * s_x`: rounded half to even, clamped to
+/// `[-128, 127]`, 0 for NaN.
+#[inline(always)]
+pub fn activation_code(v: f32) -> i8 {
+    int8_of_integer(round_half_even_small(v).clamp(-128.0, 127.0))
 }
 
 #[cfg(test)]

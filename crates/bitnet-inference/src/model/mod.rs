@@ -7,7 +7,7 @@ pub mod ops;
 
 use bitnet_core::ScratchArena;
 use bitnet_quant::kernels::Kernels;
-use bitnet_quant::{quantize_activations, BitLinear, WeightLayout};
+use bitnet_quant::{BitLinear, WeightLayout};
 use rayon::prelude::*;
 
 pub use dense::{DenseFormat, DenseMatrix};
@@ -23,6 +23,10 @@ const ATTENTION_TASKS_PER_THREAD: usize = 4;
 /// Cached positions attention takes at a time for every query head of a unit: 32 rows of
 /// keys or values are 16 KB at head size 128 in f32, so they stay in L1 between heads.
 const ATTENTION_ROWS: usize = 32;
+
+/// Token rows per task of the element-wise passes (the FFN activation, the residual adds):
+/// a prefill's rows are shared by the workers, a decode step's one row stays on the caller.
+const ELEMENTWISE_ROWS: usize = 4;
 
 /// One decoder layer's weights.
 #[derive(Debug, Clone)]
@@ -402,7 +406,7 @@ impl Model {
             scratch.carve(
                 [
                     t_all * h,
-                    t_all * wide,
+                    h,
                     t_all * qd,
                     t_all * kvd,
                     t_all * kvd,
@@ -440,7 +444,7 @@ impl Model {
         let scale = (hd as f64).powf(-0.5) as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             // Attention block.
-            norm_quantize(x, h, &layer.attn_norm, eps, nb, xq, sx, layer.q.padded_in());
+            norm_quantize(kern, x, &layer.attn_norm, eps, xq, sx, layer.q.padded_in());
             let xk = &xq[..t_all * layer.q.padded_in()];
             // q, k and v read the same input: one parallel region for the three (a region
             // costs a wake-up of the other workers, a few hundred of them per token).
@@ -495,11 +499,10 @@ impl Model {
                 t0 += n;
             }
             norm_quantize(
+                kern,
                 att,
-                qd,
                 &layer.attn_sub_norm,
                 eps,
-                nb,
                 xq,
                 sx,
                 layer.o.padded_in(),
@@ -511,15 +514,14 @@ impl Model {
                 &mut acc[..t_all * h],
                 proj,
             );
-            add_in_place(x, proj);
+            add_in_place(x, proj, h);
 
             // Feed-forward block.
             norm_quantize(
+                kern,
                 x,
-                h,
                 &layer.ffn_norm,
                 eps,
-                nb,
                 xq,
                 sx,
                 layer.gate.padded_in(),
@@ -532,21 +534,23 @@ impl Model {
                 || layer.gate.forward_quantized(kern, xk, sx_all, acc_g, gate),
                 || layer.up.forward_quantized(kern, xk, sx_all, acc_u, up),
             );
-            match cfg.activation {
-                Activation::Relu2 => gate.iter_mut().zip(up.iter()).for_each(|(g, &u)| {
-                    let r = g.max(0.0);
-                    *g = (r * r) * u;
-                }),
-                Activation::Silu => gate.iter_mut().zip(up.iter()).for_each(|(g, &u)| {
-                    *g = (*g / (1.0 + (-*g).exp())) * u;
-                }),
-            }
+            let activation = cfg.activation;
+            gate.par_chunks_mut(f * ELEMENTWISE_ROWS)
+                .zip(up.par_chunks(f * ELEMENTWISE_ROWS))
+                .for_each(|(gate, up)| match activation {
+                    Activation::Relu2 => gate.iter_mut().zip(up).for_each(|(g, &u)| {
+                        let r = g.max(0.0);
+                        *g = (r * r) * u;
+                    }),
+                    Activation::Silu => gate.iter_mut().zip(up).for_each(|(g, &u)| {
+                        *g = (*g / (1.0 + (-*g).exp())) * u;
+                    }),
+                });
             norm_quantize(
+                kern,
                 gate,
-                f,
                 &layer.ffn_sub_norm,
                 eps,
-                nb,
                 xq,
                 sx,
                 layer.down.padded_in(),
@@ -558,7 +562,7 @@ impl Model {
                 &mut acc[..t_all * h],
                 proj,
             );
-            add_in_place(x, proj);
+            add_in_place(x, proj, h);
         }
 
         // Final norm and head, only for the rows that asked for logits.
@@ -740,35 +744,30 @@ impl CacheValue for half::f16 {
     }
 }
 
-/// RMSNorm of each `width`-wide row of `src` into `nb`, then per-token int8 quantization into
-/// `xq` (rows `kpad` long) with scales in `sx`.
-#[allow(clippy::too_many_arguments)]
+/// RMSNorm with gain `w` of each `w.len()`-wide row of `src` fused with per-token int8
+/// quantization into `xq` (rows `kpad` long), scales in `sx`; one row per task.
 fn norm_quantize(
+    kern: &Kernels,
     src: &[f32],
-    width: usize,
     w: &[f32],
     eps: f32,
-    nb: &mut [f32],
     xq: &mut [i8],
     sx: &mut [f32],
     kpad: usize,
 ) {
     let rows = sx.len();
-    nb[..rows * width]
-        .par_chunks_mut(width)
-        .zip(xq[..rows * kpad].par_chunks_mut(kpad))
+    xq[..rows * kpad]
+        .par_chunks_mut(kpad)
         .zip(sx.par_iter_mut())
-        .zip(src.par_chunks(width))
-        .for_each(|(((n, q), s), x)| {
-            ops::rms_norm(x, w, eps, n);
-            *s = quantize_activations(n, q);
-        });
+        .zip(src.par_chunks(w.len()))
+        .for_each(|((q, s), x)| *s = (kern.rms_norm_quantize)(x, w, eps, q));
 }
 
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, &b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+/// `x += y` over `width`-wide rows, [`ELEMENTWISE_ROWS`] rows per task.
+fn add_in_place(x: &mut [f32], y: &[f32], width: usize) {
+    x.par_chunks_mut(width * ELEMENTWISE_ROWS)
+        .zip(y.par_chunks(width * ELEMENTWISE_ROWS))
+        .for_each(|(x, y)| x.iter_mut().zip(y).for_each(|(a, &b)| *a += b));
 }
 
 #[cfg(test)]

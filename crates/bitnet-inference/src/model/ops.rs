@@ -1,13 +1,14 @@
 //! The model's float operations, written to follow the reference's f32 arithmetic order.
 
-/// RMSNorm: `y = w * (x * rsqrt(mean(x^2) + eps))`.
+use bitnet_quant::kernels::{inv_rms, scalar};
+
+/// RMSNorm: `y = w * (x * rsqrt(mean(x^2) + eps))`, with the `r` of the layers' fused
+/// RMSNorm and quantizer ([`bitnet_quant::kernels::RmsNormQuantizeFn`]).
 ///
 /// The sum of squares is accumulated in f64 and rounded once, which gives the correctly rounded
 /// mean that PyTorch's cascaded f32 reduction reaches in practice.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
-    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
-    let mean = (ss as f32) / x.len() as f32;
-    let r = 1.0 / (mean + eps).sqrt();
+    let r = inv_rms(scalar::sum_squares(x), x.len(), eps);
     for ((o, &xi), &wi) in y.iter_mut().zip(x).zip(w) {
         *o = wi * (xi * r);
     }

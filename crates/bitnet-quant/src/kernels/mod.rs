@@ -241,6 +241,39 @@ pub type DotQ8_0Fn = fn(row: &[u8], xq: &[i8], xd: &[f32]) -> f32;
 /// running sum `8 * (b mod 2) + j`; the 16 sums are combined by [`combine_q8_sums`].
 pub type DotQ6KFn = fn(row: &[u8], xq: &[i8], xd: &[f32]) -> f32;
 
+/// RMSNorm of one token's row fused with its per-token int8 quantization: the codes of
+/// [`crate::quantize_activations`] applied to `y = w * (x * r)`, written to `q` (as long as
+/// `x` or longer: the tail is zeroed) without writing `y` out; returns the activation scale
+/// `s_x`. `w` is as long as `x`.
+///
+/// The order is part of the contract: the sum of squares is [`scalar::sum_squares`]' (f64,
+/// [`SQUARE_SUMS`] running sums), `r = 1 / sqrt(f32(sum) / n + eps)` ([`inv_rms`]), and each
+/// `y` is rounded twice (`x * r`, then times `w`: no FMA), so every set gives the same codes
+/// and scale bits.
+pub type RmsNormQuantizeFn = fn(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32;
+
+/// Running sums of [`scalar::sum_squares`]: square `i` goes to sum `i mod 16`, as four AVX2
+/// or eight NEON f64 vectors hold them.
+pub const SQUARE_SUMS: usize = 16;
+
+/// The fixed combination of the [`SQUARE_SUMS`] running sums: halves added element-wise
+/// (`s_j + s_{j+8}`, then `+ s_{j+4}`, then `+ s_{j+2}`) down to `s_0 + s_1`.
+#[inline]
+pub fn combine_square_sums(s: &[f64; SQUARE_SUMS]) -> f64 {
+    let a: [f64; 8] = std::array::from_fn(|j| s[j] + s[j + 8]);
+    let b: [f64; 4] = std::array::from_fn(|j| a[j] + a[j + 4]);
+    (b[0] + b[2]) + (b[1] + b[3])
+}
+
+/// RMSNorm's `1 / sqrt(mean(x^2) + eps)` from the f64 sum of squares of `n` values, rounded
+/// once to f32 (the correctly rounded mean that PyTorch's cascaded f32 reduction reaches in
+/// practice).
+#[inline]
+pub fn inv_rms(sum_squares: f64, n: usize, eps: f32) -> f32 {
+    let mean = (sum_squares as f32) / n as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
 /// Running sums of the f16 dot product ([`DotF16Fn`]).
 pub const DOT_SUMS: usize = 32;
 
@@ -305,6 +338,8 @@ pub struct Kernels {
     pub dot_q6_k: DotQ6KFn,
     /// One tile of an f32 matrix product ([`crate::sgemm`]).
     pub sgemm_tile: SgemmTileFn,
+    /// RMSNorm and int8 quantization of one token's row (each BitLinear's input).
+    pub rms_norm_quantize: RmsNormQuantizeFn,
 }
 
 impl std::fmt::Debug for Kernels {
@@ -332,6 +367,7 @@ impl Kernels {
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
         sgemm_tile: scalar::sgemm_tile,
+        rms_norm_quantize: scalar::rms_norm_quantize,
     };
 
     /// The AVX2 set (x86-64). Its functions check for AVX2 on every call and fall back to the
@@ -354,6 +390,7 @@ impl Kernels {
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
         sgemm_tile: x86::sgemm::tile,
+        rms_norm_quantize: x86::norm::rms_norm_quantize,
     };
 
     /// The AVX-VNNI set (x86-64): AVX2's with `vpdpbusd` in the ternary products. Its functions
@@ -405,6 +442,7 @@ impl Kernels {
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
         sgemm_tile: aarch64::sgemm::tile,
+        rms_norm_quantize: aarch64::norm::rms_norm_quantize,
     };
 
     /// The NEON set with the dot-product extension (`sdot`, Armv8.2 and later). Its functions
@@ -427,6 +465,7 @@ impl Kernels {
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
         sgemm_tile: aarch64::sgemm::tile,
+        rms_norm_quantize: aarch64::norm::rms_norm_quantize,
     };
 
     /// The best set for this CPU, or the one `BITNET_KERNELS` names (see the module docs),
@@ -767,6 +806,57 @@ mod tests {
             x[10] = f32::NAN;
             assert!((k.exp_sum)(&x, 0.0).is_nan(), "{}", k.name);
         }
+    }
+
+    /// RMSNorm with the activation quantizer: the scalar kernel against the two steps it
+    /// fuses and a closed form; every set against the scalar one, bit for bit, on lengths with
+    /// and without tails, tiny, huge, zero and non-finite rows.
+    #[test]
+    fn rms_norm_quantize_sets_match_scalar_bit_for_bit() {
+        let mut bits = xorshift(0x5eed_a0b5_3d1e_0003u64);
+        let mut next = || ((bits() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        for n in [1usize, 3, 7, 8, 15, 16, 17, 31, 32, 33, 47, 100, 2560, 2563] {
+            for scale in [1e-30f32, 1e-3, 1.0, 40.0, 1e18] {
+                rows.push((0..n).map(|_| next() * scale).collect());
+            }
+        }
+        rows.push(vec![0.0; 40]);
+        let mut nan = rows[62].clone();
+        nan[5] = f32::NAN;
+        let mut inf = rows[62].clone();
+        inf[33] = f32::INFINITY;
+        rows.extend([nan, inf]);
+        for (t, x) in rows.iter().enumerate() {
+            let n = x.len();
+            let w: Vec<f32> = (0..n).map(|i| 0.5 + ((i * 7) % 13) as f32 * 0.1).collect();
+            let eps = 1e-5;
+            // The two steps it fuses: the normalised row written out, then quantized.
+            let r = inv_rms(scalar::sum_squares(x), n, eps);
+            let y: Vec<f32> = x.iter().zip(&w).map(|(&v, &g)| g * (v * r)).collect();
+            let mut want_q = vec![0i8; n + 5];
+            let want_s = crate::quantize_activations(&y, &mut want_q);
+            let mut q = vec![9i8; n + 5];
+            let s = scalar::rms_norm_quantize(x, &w, eps, &mut q);
+            assert_eq!((s.to_bits(), &q), (want_s.to_bits(), &want_q), "row {t}");
+            for k in Kernels::available() {
+                let mut got = vec![9i8; n + 5];
+                let s = (k.rms_norm_quantize)(x, &w, eps, &mut got);
+                assert_eq!(s.to_bits(), want_s.to_bits(), "{} row {t} (n={n})", k.name);
+                assert_eq!(got, want_q, "{} row {t} (n={n})", k.name);
+            }
+        }
+        // The sixteen f64 sums of exact squares against one sum, within their roundings.
+        let x = &rows[67];
+        let one: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+        let sixteen = scalar::sum_squares(x);
+        assert!((sixteen - one).abs() <= one * x.len() as f64 * f64::EPSILON);
+        // mean(x^2) = 12.5: y = (3, 4) / sqrt(12.5), s = 127 / y_1, codes round(y * s).
+        let mut q = [0i8; 2];
+        let s = scalar::rms_norm_quantize(&[3.0, 4.0], &[1.0, 1.0], 0.0, &mut q);
+        let y1 = 4.0 * (1.0 / 12.5f32.sqrt());
+        assert_eq!(s, (1.0 / y1) * 127.0);
+        assert_eq!(q, [95, 127]);
     }
 
     /// Softmax: every set against the scalar one, bit for bit, on lengths with and without a

@@ -1,11 +1,13 @@
 //! The reference kernels: plain loops, obviously right. Fast kernels are tested against these.
 
 use super::{
-    combine_lanes, combine_q8_sums, combine_sums, DOT_SUMS, Q8_DOT_SUMS, SCORE_SUMS, SOFTMAX_SUMS,
+    combine_lanes, combine_q8_sums, combine_square_sums, combine_sums, inv_rms, DOT_SUMS,
+    Q8_DOT_SUMS, SCORE_SUMS, SOFTMAX_SUMS, SQUARE_SUMS,
 };
 use crate::base3::{decode_digits, BASE3_BLOCK_BYTES, BASE3_BLOCK_ELEMS, BASE3_DIGITS};
 use crate::q6_k::{self, Q6_K_BYTES};
 use crate::q8_0::{Q8_0_BLOCK, Q8_0_BYTES};
+use crate::quantize::{activation_code, activation_scale};
 use crate::ternary::{block_offset, BLOCK_BYTES, BLOCK_ELEMS};
 
 /// Exact dot product of row `r` of the runtime-layout matrix `w` (`row_bytes` per row) with
@@ -316,6 +318,36 @@ pub fn sgemm_tile(
             c[i * ldc + j] = sum;
         }
     }
+}
+
+/// The f64 sum of squares of `x` in [`SQUARE_SUMS`] running sums: square `i` (exact in f64)
+/// is added to sum `i mod 16`, and the sums are combined by [`combine_square_sums`]. The
+/// independent sums let SIMD sets keep several vector additions in flight where one running
+/// sum waits on each addition's latency.
+pub fn sum_squares(x: &[f32]) -> f64 {
+    let mut s = [0f64; SQUARE_SUMS];
+    for (i, &v) in x.iter().enumerate() {
+        s[i % SQUARE_SUMS] += v as f64 * v as f64;
+    }
+    combine_square_sums(&s)
+}
+
+/// RMSNorm and int8 quantization of one row; see [`super::RmsNormQuantizeFn`].
+pub fn rms_norm_quantize(x: &[f32], w: &[f32], eps: f32, q: &mut [i8]) -> f32 {
+    let n = x.len();
+    assert!(
+        w.len() == n && q.len() >= n,
+        "rms_norm_quantize: row lengths"
+    );
+    let r = inv_rms(sum_squares(x), n, eps);
+    let y = |i: usize| w[i] * (x[i] * r);
+    let amax = (0..n).fold(0f32, |m, i| m.max(y(i).abs()));
+    let s = activation_scale(amax);
+    for (i, qi) in q[..n].iter_mut().enumerate() {
+        *qi = activation_code(y(i) * s);
+    }
+    q[n..].fill(0);
+    s
 }
 
 #[cfg(test)]

@@ -5,4 +5,5 @@
 pub mod attention;
 pub mod base3;
 pub mod neon;
+pub mod norm;
 pub mod sgemm;

@@ -408,6 +408,17 @@ unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut k = 0;
     while k < full {
+        // A hint for the weights PREFETCH_BYTES ahead, one per 64-byte line (past the row's
+        // end they are the next row's, which the head reads next): on an AMD EPYC it gained
+        // nothing, the hardware prefetcher keeps up there; on an Intel Xeon (Sapphire Rapids
+        // class, one thread) the head had read 7.1 GB/s against 10.5 for the ternary layers,
+        // which prefetch (`wrapping_add` keeps the address computation defined anywhere).
+        _mm_prefetch::<_MM_HINT_T0>(
+            w.as_ptr()
+                .wrapping_add(k)
+                .cast::<i8>()
+                .wrapping_add(PREFETCH_BYTES),
+        );
         for (v, a) in acc.iter_mut().enumerate() {
             // SAFETY: k + 32 <= full <= n, so both 8-element loads at k + 8v are inside their
             // slices; f16 is a 2-byte plain value, as `_mm_loadu_si128` reads 16 bytes.

@@ -10,4 +10,5 @@ pub mod avx2;
 pub mod avx512;
 pub mod avxvnni;
 pub mod base3;
+pub mod norm;
 pub mod sgemm;
