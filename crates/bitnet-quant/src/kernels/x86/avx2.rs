@@ -57,6 +57,14 @@ pub(super) const GEMV_ROWS: usize = ROW_GROUP;
 /// measured 12.5 GB/s, 2 KB 14.2, 4 KB 13.8).
 pub(super) const PREFETCH_BYTES: usize = 2048;
 
+/// How far ahead of its rows the f16 head's dot product prefetches. On an AMD EPYC the hint
+/// gains nothing (the hardware prefetcher keeps up there). On a Xeon with AMX (Sapphire
+/// Rapids class, 2026-11, synthetic 2B-4T, `bitnet bench -p 0`, alternating builds) the head
+/// without it had read 7.1 GB/s on one thread against 10.5 for the ternary layers, and
+/// generation went from 11.4 to 16.2 tokens/s on two threads with a 2 KB hint; 4 KB then gave
+/// one thread 9.2 and 9.6 tokens/s against 8.6 and 8.5 (two threads: 15.9 against 16.2).
+pub(super) const HEAD_PREFETCH_BYTES: usize = 4096;
+
 /// Bytes from one block of a row to its next: the blocks of a group's rows are interleaved.
 pub(super) const BLOCK_STEP: usize = ROW_GROUP * BLOCK_BYTES;
 
@@ -408,16 +416,14 @@ unsafe fn dot_f16_avx(w: &[half::f16], x: &[f32]) -> f32 {
     let mut acc = [_mm256_setzero_ps(); 4];
     let mut k = 0;
     while k < full {
-        // A hint for the weights PREFETCH_BYTES ahead, one per 64-byte line (past the row's
-        // end they are the next row's, which the head reads next): on an AMD EPYC it gained
-        // nothing, the hardware prefetcher keeps up there; on an Intel Xeon (Sapphire Rapids
-        // class, one thread) the head had read 7.1 GB/s against 10.5 for the ternary layers,
-        // which prefetch (`wrapping_add` keeps the address computation defined anywhere).
+        // A hint for the weights HEAD_PREFETCH_BYTES ahead, one per 64-byte line (past the
+        // row's end they are the next row's, which the head reads next; `wrapping_add` keeps
+        // the address computation defined anywhere).
         _mm_prefetch::<_MM_HINT_T0>(
             w.as_ptr()
                 .wrapping_add(k)
                 .cast::<i8>()
-                .wrapping_add(PREFETCH_BYTES),
+                .wrapping_add(HEAD_PREFETCH_BYTES),
         );
         for (v, a) in acc.iter_mut().enumerate() {
             // SAFETY: k + 32 <= full <= n, so both 8-element loads at k + 8v are inside their
