@@ -96,7 +96,7 @@ fn rotate_back_add(g: &[f32], (c, s): (&[f32], &[f32]), out: &mut [f32]) {
 /// `sum a[k] * b[k]` in eight running sums.
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    sum8(a.len(), |i| a[i] * b[i])
+    sum8([a, b], |[x, y]| x * y)
 }
 
 /// The operation's name in error messages.

@@ -99,26 +99,32 @@ pub(crate) fn with_cpu_f32<const N: usize, R>(
     f(data)
 }
 
-/// `sum f(i)` over `0..n` in eight running sums (element `i` of the whole blocks of eight into
-/// sum `i % 8`), added pairwise, then the tail's sum: one vector of independent additions
-/// instead of one long chain.
+/// `sum f(cols[..][i])` over `i < n` (`n` the shortest column's length) in eight running sums
+/// (term `i` of the whole blocks of eight into sum `i % 8`), added pairwise, then the tail's
+/// sum: one vector of independent additions instead of one long chain.
 #[inline(always)]
-pub(crate) fn sum8(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+pub(crate) fn sum8<const K: usize>(cols: [&[f32]; K], f: impl Fn([f32; K]) -> f32) -> f32 {
+    let n = cols.iter().map(|c| c.len()).min().unwrap_or(0);
     let mut acc = [0f32; 8];
-    let body = n / 8 * 8;
-    for i in (0..body).step_by(8) {
+    // Whole chunks of eight, so the lane loop indexes fixed-size slices: no bounds check in
+    // it, and the compiler keeps the eight sums in vector registers (an index closure over
+    // the slices had kept every term scalar).
+    for c in 0..n / 8 {
+        let chunk: [&[f32]; K] = std::array::from_fn(|k| &cols[k][c * 8..c * 8 + 8]);
         for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(i + j);
+            *a += f(std::array::from_fn(|k| chunk[k][j]));
         }
     }
-    let tail: f32 = (body..n).map(&f).sum();
+    let tail: f32 = (n / 8 * 8..n)
+        .map(|i| f(std::array::from_fn(|k| cols[k][i])))
+        .sum();
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
 /// `1 / sqrt(mean(x^2) + eps)` of one row.
 #[inline]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ss = sum8(row.len(), |i| row[i] * row[i]);
+    let ss = sum8([row], |[x]| x * x);
     1.0 / (ss / row.len() as f32 + eps).sqrt()
 }
 
@@ -171,7 +177,7 @@ pub(crate) fn rms_norm_grad_x(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<
 #[inline]
 fn norm_row_grad_x(row: &[f32], w: &[f32], g: &[f32], r: f32, out: &mut [f32]) {
     let n = w.len();
-    let dot = sum8(n, |i| g[i] * w[i] * row[i]);
+    let dot = sum8([&g[..n], &w[..n], &row[..n]], |[g, w, x]| g * w * x);
     let c = r * r * r * dot / n as f32;
     for (((oi, &gi), &wi), &xi) in out.iter_mut().zip(g).zip(w).zip(row) {
         *oi = r * gi * wi - xi * c;
