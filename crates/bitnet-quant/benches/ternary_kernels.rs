@@ -15,7 +15,9 @@
 //! `attention` is one query's scores and one weighted sum over 32 and 1024 cached rows of the
 //! 2B-4T shape (f32 and f16 caches), per kernel set.
 //!
-//! `quantize_activations` is the per-token int8 quantization of 64 rows of 2560.
+//! `quantize_activations` is the per-token int8 quantization of 64 rows of 2560;
+//! `rms_norm_quantize` the same fused with the RMSNorm before it, per kernel set, at 2560 and
+//! 6912.
 //!
 //! `head` is the output head's dot products (f16, Q8_0, Q6_K) over 32768 rows of 2560 (a
 //! quarter of the 2B-4T vocabulary, past the cache), per kernel set; throughput in bytes read.
@@ -342,6 +344,35 @@ fn quantize(c: &mut Criterion) {
     g.finish();
 }
 
+/// RMSNorm fused with the activation quantizer (each BitLinear's input) over 64 rows of the
+/// 2B-4T widths 2560 and 6912, per kernel set.
+fn rms_norm_quantize(c: &mut Criterion) {
+    const ROWS: usize = 64;
+    let mut g = c.benchmark_group("rms_norm_quantize");
+    for cols in [2560usize, 6912] {
+        let mut seed = 17;
+        let x: Vec<f32> = (0..ROWS * cols)
+            .map(|_| (lcg(&mut seed) % 2001) as f32 / 100.0 - 10.0)
+            .collect();
+        let w: Vec<f32> = (0..cols).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+        let mut q = vec![0i8; ROWS * cols];
+        g.throughput(Throughput::Elements((ROWS * cols) as u64));
+        for k in Kernels::available() {
+            g.bench_function(BenchmarkId::new(k.name, format!("64x{cols}")), |b| {
+                b.iter(|| {
+                    for (x, q) in black_box(&x)
+                        .chunks_exact(cols)
+                        .zip(q.chunks_exact_mut(cols))
+                    {
+                        black_box((k.rms_norm_quantize)(x, &w, 1e-5, q));
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 /// The trainer's f32 products (`bitnet_quant::sgemm`, on the thread pool): a BitLinear input
 /// gradient of the training benchmark's model (`dy [4096, 256] @ W [256, 768]`) and its tied
 /// head's logits (`x [4096, 256] @ E^T`, `E [2048, 256]` read transposed). Throughput in
@@ -386,6 +417,7 @@ criterion_group!(
     head,
     attention,
     quantize,
+    rms_norm_quantize,
     sgemm
 );
 criterion_main!(benches);
