@@ -195,6 +195,15 @@ pub struct BitLinear {
 /// Rows per parallel task: enough work to amortise a task, few enough to balance threads.
 pub const ROWS_PER_TASK: usize = 64;
 
+/// Largest packed weights (bytes) that [`BitLinear::forward_quantized`] runs in token
+/// blocks, each task reading all of them: an eighth of a small core's L2 (the trainer's
+/// layers are 12-48 KB; a 2B model's are megabytes, and take tasks of rows instead).
+pub const SMALL_LAYER_BYTES: usize = 64 * 1024;
+
+/// Tokens per task of the token-block path (its sums, `TOKENS_PER_TASK x ROWS_PER_TASK`
+/// i32, are 16 KB on the stack).
+pub const TOKENS_PER_TASK: usize = 64;
+
 // Tasks start on row-group boundaries.
 const _: () = assert!(ROWS_PER_TASK.is_multiple_of(ROW_GROUP));
 
@@ -319,8 +328,19 @@ impl BitLinear {
         r0 * tokens + t * n + (r - r0)
     }
 
-    /// The layer's output for already quantized inputs: `y[t * out + r]` from `acc` and the
-    /// per-token activation scales `s_x`.
+    /// Whether [`Self::forward_quantized`] for `tokens` tokens goes through its `acc` scratch
+    /// (`tokens * out` sums). It does not when the layer has per-block scales, or when its
+    /// packed weights fit [`SMALL_LAYER_BYTES`] and there are several tokens: then each task
+    /// takes a block of tokens through all of the weights, keeping its sums on the stack, and
+    /// `acc` may be empty.
+    pub fn uses_acc(&self, tokens: usize) -> bool {
+        self.block_scales.is_none()
+            && (tokens <= 1 || self.weight.bytes().len() > SMALL_LAYER_BYTES)
+    }
+
+    /// The layer's output for already quantized inputs: `y[t * out + r]` from the exact
+    /// integer sums (in `acc`, when [`Self::uses_acc`]) and the per-token activation scales
+    /// `s_x`. Either way gives the same bits.
     pub fn forward_quantized(
         &self,
         kernels: &Kernels,
@@ -329,11 +349,26 @@ impl BitLinear {
         acc: &mut [i32],
         y: &mut [f32],
     ) {
-        let tokens = s_x.len();
         if let Some(bs) = &self.block_scales {
             self.forward_block_scaled(kernels, bs, xq, s_x, y);
-            return;
+        } else if self.uses_acc(s_x.len()) {
+            self.forward_row_tasks(kernels, xq, s_x, acc, y);
+        } else {
+            self.forward_token_blocks(kernels, xq, s_x, y);
         }
+    }
+
+    /// [`Self::forward_quantized`] with tasks of [`ROWS_PER_TASK`] rows over every token
+    /// (each task's weights read once), the sums through `acc`.
+    fn forward_row_tasks(
+        &self,
+        kernels: &Kernels,
+        xq: &[i8],
+        s_x: &[f32],
+        acc: &mut [i32],
+        y: &mut [f32],
+    ) {
+        let tokens = s_x.len();
         self.forward_i32(kernels, xq, tokens, acc);
         let rows = self.out_features();
         let acc = &*acc;
@@ -347,6 +382,42 @@ impl BitLinear {
                     let (at, n) = (self.acc_index(tokens, t, i * ROWS_PER_TASK), yc.len());
                     for (yo, &a) in yc.iter_mut().zip(&acc[at..at + n]) {
                         *yo = self.scale.apply(a, s);
+                    }
+                }
+            });
+    }
+
+    /// [`Self::forward_quantized`] with tasks of [`TOKENS_PER_TASK`] tokens through all of
+    /// the weights (which a small layer keeps in cache), [`ROWS_PER_TASK`] rows at a time: each
+    /// run of sums is converted while it is still on the stack, and a task writes one
+    /// contiguous block of `y`.
+    fn forward_token_blocks(&self, kernels: &Kernels, xq: &[i8], s_x: &[f32], y: &mut [f32]) {
+        let (w, rb) = (self.weight.bytes(), self.weight.row_bytes());
+        let (gemv, gemm) = self.weight.products(kernels);
+        let (k, rows) = (self.padded_in(), self.out_features());
+        debug_assert_eq!(xq.len(), s_x.len() * k);
+        if rows == 0 {
+            return;
+        }
+        y.par_chunks_mut(TOKENS_PER_TASK * rows)
+            .zip(xq.par_chunks(TOKENS_PER_TASK * k))
+            .zip(s_x.par_chunks(TOKENS_PER_TASK))
+            .for_each(|((yb, xb), sb)| {
+                let tokens = sb.len();
+                let mut sums = [0i32; TOKENS_PER_TASK * ROWS_PER_TASK];
+                for r0 in (0..rows).step_by(ROWS_PER_TASK) {
+                    let n = ROWS_PER_TASK.min(rows - r0);
+                    let group = &w[r0 * rb..TernaryMatrix::padded_rows(r0 + n) * rb];
+                    let out = &mut sums[..tokens * n];
+                    if tokens == 1 {
+                        gemv(group, rb, xb, out);
+                    } else {
+                        gemm(group, rb, xb, tokens, out);
+                    }
+                    for ((yt, &s), st) in yb.chunks_mut(rows).zip(sb).zip(out.chunks(n)) {
+                        for (yo, &a) in yt[r0..r0 + n].iter_mut().zip(st) {
+                            *yo = self.scale.apply(a, s);
+                        }
                     }
                 }
             });
@@ -448,8 +519,16 @@ mod tests {
 
     #[test]
     fn chunked_accumulators_map_back_to_every_token_and_row() {
-        // 70 rows: one full task of 64 rows and a partial one; 3 tokens.
-        let (rows, cols, tokens) = (70usize, 200usize, 3usize);
+        // 70 rows: one full task of 64 rows and a partial one; 3 tokens, and 70 (a full task
+        // of 64 tokens and a partial one in the token-block path); 1 token (a product of
+        // one row).
+        for tokens in [3, 70, 1] {
+            sums_map_back_to_every_token_and_row(tokens);
+        }
+    }
+
+    fn sums_map_back_to_every_token_and_row(tokens: usize) {
+        let (rows, cols) = (70usize, 200usize);
         let codes: Vec<i8> = (0..rows * cols)
             .map(|i| ((i * 7 + i / 13) % 3) as i8 - 1)
             .collect();
@@ -471,9 +550,15 @@ mod tests {
         assert_eq!(dense.weight().layout(), WeightLayout::Base3);
         assert_eq!(dense.padded_in(), 320);
         for layer in [&layer, &dense] {
+            // A small layer: the token-block path (unless one token).
+            assert_eq!(layer.uses_acc(tokens), tokens == 1);
             for kernels in Kernels::available() {
                 let (q, sx, y) = layer.forward_f32(kernels, &x);
                 assert_eq!(sx, vec![1.0; tokens]);
+                // The row-task path, through `acc`, on the same rows.
+                let mut acc = vec![0i32; tokens * rows];
+                let mut by_rows = vec![0f32; tokens * rows];
+                layer.forward_row_tasks(kernels, &q, &sx, &mut acc, &mut by_rows);
                 let k = layer.padded_in();
                 for t in 0..tokens {
                     for r in 0..rows {
@@ -483,6 +568,7 @@ mod tests {
                         let what =
                             format!("{} {:?} t{t} r{r}", kernels.name, layer.weight().layout());
                         assert_eq!(y[t * rows + r], want as f32, "{what}");
+                        assert_eq!(by_rows[t * rows + r], want as f32, "rows: {what}");
                     }
                 }
             }

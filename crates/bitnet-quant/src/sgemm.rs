@@ -119,9 +119,87 @@ impl<'a> MatRef<'a> {
     }
 }
 
+/// A matrix of int8 codes whose rows each carry a scale: element `(i, j)` is `codes[i *
+/// row_stride + j] as f32 / scales[i]`, computed as the product packs it (BitLinear's
+/// dequantized activations, without writing them out as f32).
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledCodes<'a> {
+    codes: &'a [i8],
+    scales: &'a [f32],
+    cols: usize,
+    row_stride: usize,
+}
+
+impl<'a> ScaledCodes<'a> {
+    /// `scales.len()` rows of `cols` codes, row `i` at `codes[i * row_stride..]`, checked to
+    /// lie inside `codes`.
+    pub fn new(codes: &'a [i8], scales: &'a [f32], cols: usize, row_stride: usize) -> Result<Self> {
+        let rows = scales.len();
+        if rows > 0 && cols > 0 {
+            let end = (rows - 1)
+                .checked_mul(row_stride)
+                .and_then(|r| r.checked_add(cols));
+            if cols > row_stride || end.is_none_or(|e| e > codes.len()) {
+                return Err(Error::InvalidInput(format!(
+                    "{rows} rows of {cols} codes {row_stride} apart do not fit in {} codes",
+                    codes.len()
+                )));
+            }
+        }
+        Ok(ScaledCodes {
+            codes,
+            scales,
+            cols,
+            row_stride,
+        })
+    }
+}
+
+/// The right operand `B` of a product: f32 values, or int8 codes scaled per row.
+#[derive(Debug, Clone, Copy)]
+pub enum RightOperand<'a> {
+    /// An f32 matrix (any strides).
+    F32(MatRef<'a>),
+    /// Codes with one scale per row.
+    Codes(ScaledCodes<'a>),
+}
+
+impl<'a> From<MatRef<'a>> for RightOperand<'a> {
+    fn from(m: MatRef<'a>) -> Self {
+        RightOperand::F32(m)
+    }
+}
+
+impl<'a> From<ScaledCodes<'a>> for RightOperand<'a> {
+    fn from(m: ScaledCodes<'a>) -> Self {
+        RightOperand::Codes(m)
+    }
+}
+
+impl RightOperand<'_> {
+    fn rows(&self) -> usize {
+        match self {
+            RightOperand::F32(m) => m.rows,
+            RightOperand::Codes(q) => q.scales.len(),
+        }
+    }
+
+    fn cols(&self) -> usize {
+        match self {
+            RightOperand::F32(m) => m.cols,
+            RightOperand::Codes(q) => q.cols,
+        }
+    }
+}
+
 /// `c = a b` with `c` row-major `[a.rows, b.cols]`, on the thread pool. Errors if the shapes
 /// disagree.
-pub fn sgemm(kernels: &Kernels, a: MatRef, b: MatRef, c: &mut [f32]) -> Result<()> {
+pub fn sgemm<'b>(
+    kernels: &Kernels,
+    a: MatRef,
+    b: impl Into<RightOperand<'b>>,
+    c: &mut [f32],
+) -> Result<()> {
     sgemm_with(kernels, a, b, c, Product::default())
 }
 
@@ -146,18 +224,19 @@ impl Default for Product {
 }
 
 /// `c = a b`, or `c += a b`, as `how` says. Errors if the shapes disagree.
-pub fn sgemm_with(
+pub fn sgemm_with<'b>(
     kernels: &Kernels,
     a: MatRef,
-    b: MatRef,
+    b: impl Into<RightOperand<'b>>,
     c: &mut [f32],
     how: Product,
 ) -> Result<()> {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    if b.rows != k || c.len() != m * n {
+    let b = b.into();
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    if b.rows() != k || c.len() != m * n {
         return Err(Error::InvalidInput(format!(
             "sgemm: [{m}, {k}] times [{}, {n}] into {} values",
-            b.rows,
+            b.rows(),
             c.len()
         )));
     }
@@ -233,7 +312,38 @@ pub fn sgemm_with(
 
 /// Rows `k0..k0 + kc` of `b`'s columns `j0..j0 + 16` into `dst` (`kc x 16`, row `k` at
 /// `16 k`), zeros past the last column.
-fn pack_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
+fn pack_b(b: &RightOperand, k0: usize, j0: usize, dst: &mut [f32]) {
+    match b {
+        RightOperand::F32(b) => pack_f32_b(b, k0, j0, dst),
+        RightOperand::Codes(q) => pack_codes_b(q, k0, j0, dst),
+    }
+}
+
+/// [`pack_b`] of scaled codes: each value converted and divided by its row's scale.
+fn pack_codes_b(q: &ScaledCodes, k0: usize, j0: usize, dst: &mut [f32]) {
+    let width = NR.min(q.cols - j0);
+    for (kk, row) in dst.chunks_exact_mut(NR).enumerate() {
+        let s = q.scales[k0 + kk];
+        let at = (k0 + kk) * q.row_stride + j0;
+        if let (Ok(full), Ok(row)) = (
+            <&[i8; NR]>::try_from(&q.codes[at..at + width]),
+            <&mut [f32; NR]>::try_from(&mut *row),
+        ) {
+            // Known sizes, so the conversions and divisions are vector instructions.
+            for (d, &c) in row.iter_mut().zip(full) {
+                *d = c as f32 / s;
+            }
+            continue;
+        }
+        for (d, &c) in row.iter_mut().zip(&q.codes[at..at + width]) {
+            *d = c as f32 / s;
+        }
+        row[width..].fill(0.0);
+    }
+}
+
+/// [`pack_b`] of an f32 matrix.
+fn pack_f32_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
     let width = NR.min(b.cols - j0);
     let kc = dst.len() / NR;
     if b.row_stride == 1 && b.col_stride != 1 {
@@ -561,6 +671,53 @@ mod tests {
                 assert_eq!(plain, pooled, "{} parallel={parallel}", set.name);
             }
         }
+    }
+
+    /// Codes scaled per row give the bits of the f32 matrix `code / scale`, on every set, with
+    /// padded rows, a partial panel, several `KC` blocks and each thread packing its own `B`.
+    #[test]
+    fn scaled_codes_multiply_as_their_dequantized_values() {
+        for (m, k, n, stride) in [
+            (7, 3, 5, 5),
+            (13, 300, 37, 64),
+            (20, PRIVATE_B_K + 77, 35, 40),
+        ] {
+            let a_data = values(m * k, 11);
+            let codes: Vec<i8> = values(k * stride, 12)
+                .iter()
+                .map(|v| (v * 127.0).round() as i8)
+                .collect();
+            let scales: Vec<f32> = values(k, 13).iter().map(|v| 1.5 + v).collect();
+            let dequantized: Vec<f32> = (0..k * n)
+                .map(|x| codes[x / n * stride + x % n] as f32 / scales[x / n])
+                .collect();
+            let a_t: Vec<f32> = (0..k * m).map(|x| a_data[(x % m) * k + x / m]).collect();
+            let plain = MatRef::row_major(&a_data, m, k).unwrap();
+            let b = ScaledCodes::new(&codes, &scales, n, stride).unwrap();
+            let mut want = vec![0f32; m * n];
+            let b_f32 = MatRef::row_major(&dequantized, k, n).unwrap();
+            sgemm(&Kernels::SCALAR, plain, b_f32, &mut want).unwrap();
+            for set in Kernels::available() {
+                // The weight gradients' `dy^T`: a transposed view.
+                for a in [plain, MatRef::row_major(&a_t, k, m).unwrap().t()] {
+                    let mut got = vec![f32::NAN; m * n];
+                    sgemm(set, a, b, &mut got).unwrap();
+                    let same = got
+                        .iter()
+                        .zip(&want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{} {m}x{k}x{n}", set.name);
+                }
+            }
+        }
+        // Codes that do not fit, and rows wider than their stride.
+        let codes = [0i8; 10];
+        assert!(ScaledCodes::new(&codes, &[1.0; 3], 4, 4).is_err());
+        assert!(ScaledCodes::new(&codes, &[1.0; 2], 6, 5).is_err());
+        assert!(ScaledCodes::new(&codes, &[1.0; 3], 2, 4).is_ok());
+        let b = ScaledCodes::new(&codes, &[1.0; 2], 4, 5).unwrap();
+        let a = MatRef::row_major(&[1.0; 3], 1, 3).unwrap();
+        assert!(sgemm(Kernels::get(), a, b, &mut [0.0; 4]).is_err());
     }
 
     #[test]

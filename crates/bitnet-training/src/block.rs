@@ -26,8 +26,8 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
-    add_into, f32_slice, product, product_tn, relu2_gate_grads, relu2_gate_values, rms_norm_grads,
-    side_by_side, with_cpu_f32, zeroed,
+    add_into, f32_slice, product, product_tn_codes, relu2_gate_grads, relu2_gate_values,
+    rms_norm_grads, side_by_side, with_cpu_f32, zeroed,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
@@ -268,7 +268,10 @@ impl BlockOp {
             w_eff.extend_from_slice(&saved.weights[i].effective());
         }
         let dx = product(dy, (rows, width), &w_eff, in_f, false, BLOCK)?;
-        let mut dw = product_tn(dy, (rows, width), &input.dequantized(), in_f, BLOCK)?;
+        let codes = input
+            .codes()
+            .map_err(|e| candle_core::Error::Msg(format!("{BLOCK}: {e}")))?;
+        let mut dw = product_tn_codes(dy, (rows, width), codes, in_f, BLOCK)?;
         for &i in ids.iter().rev() {
             let out_f = self.linear_dims(i).0;
             let part = dw.split_off(dw.len() - out_f * in_f);

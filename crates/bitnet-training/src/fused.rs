@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
-use bitnet_quant::sgemm::{sgemm, MatRef};
+use bitnet_quant::sgemm::{sgemm, MatRef, RightOperand, ScaledCodes};
 
 /// Per-token int8 quantize-dequantize (see [`crate::bitlinear::quantize_activations`]) with the
 /// straight-through gradient, in one pass.
@@ -572,10 +572,23 @@ pub(crate) fn product_tn(
     product_of(a, MatRef::row_major(b, k, n), m * n, what)
 }
 
+/// [`product_tn`] with `b` the scaled int8 codes `b [k, n]` (a BitLinear input as the
+/// forward pass multiplied it), packed for the product straight from the codes.
+pub(crate) fn product_tn_codes(
+    a: &[f32],
+    (k, m): (usize, usize),
+    b: ScaledCodes,
+    n: usize,
+    what: &str,
+) -> candle_core::Result<Vec<f32>> {
+    let a = MatRef::row_major(a, k, m).map(MatRef::t);
+    product_of(a, Ok(b), m * n, what)
+}
+
 /// The `len` values of `a b` for views that fit their data (errors name `what`).
-fn product_of(
+fn product_of<'b, B: Into<RightOperand<'b>>>(
     a: bitnet_quant::Result<MatRef>,
-    b: bitnet_quant::Result<MatRef>,
+    b: bitnet_quant::Result<B>,
     len: usize,
     what: &str,
 ) -> candle_core::Result<Vec<f32>> {

@@ -19,6 +19,7 @@ use bitnet_core::AlignedBuffer;
 use bitnet_quant::bitlinear::{BitLinear as PackedLinear, WeightScale};
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::quantize::quantize_activations;
+use bitnet_quant::sgemm::ScaledCodes;
 use bitnet_quant::ternary::TernaryMatrix;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
@@ -105,6 +106,12 @@ impl QuantizedRows {
         x_eff
     }
 
+    /// The values the forward pass multiplied, `q / s_x`, as a product's operand that reads
+    /// the codes where they lie.
+    pub(crate) fn codes(&self) -> bitnet_quant::Result<ScaledCodes<'_>> {
+        ScaledCodes::new(self.xq.as_i8(), &self.s_x, self.in_f, self.padded_in)
+    }
+
     /// Number of rows.
     pub(crate) fn rows(&self) -> usize {
         self.s_x.len()
@@ -140,7 +147,12 @@ impl TernaryLinear {
     /// `y = acc / (s_x * s_w)` of the exact integer products, `[rows, out_f]`.
     pub(crate) fn forward(&self, x: &QuantizedRows) -> Vec<f32> {
         let out_f = self.packed.out_features();
-        let mut acc = zeroed(x.rows() * out_f);
+        // Small layers (all of the trainer's, usually) keep their sums on the stack.
+        let mut acc = if self.packed.uses_acc(x.rows()) {
+            zeroed(x.rows() * out_f)
+        } else {
+            Vec::new()
+        };
         let mut y = zeroed(x.rows() * out_f);
         self.packed
             .forward_quantized(Kernels::get(), x.xq.as_i8(), &x.s_x, &mut acc, &mut y);
