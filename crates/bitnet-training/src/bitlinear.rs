@@ -24,8 +24,20 @@ fn round_half_even(x: &Tensor) -> Result<Tensor> {
     Ok(x.affine(1.0, ROUND_MAGIC)?.affine(1.0, -ROUND_MAGIC)?)
 }
 
-/// The per-tensor weight scale `s_w` as a 0-d f32 tensor.
+/// The per-tensor weight scale `s_w = 1 / max(mean |w|, QUANT_EPS)` as a 0-d f32 tensor.
+///
+/// For f32 CPU weights the mean is a sum in f64 on the thread pool
+/// ([`crate::fused::sum_f64`]), rounded to f32 once; on other devices, candle's f32 mean.
+/// Every user of the scale (the fused and composed layers, export) calls this function, so
+/// they agree on its bits.
 pub fn weight_scale(w: &Tensor) -> Result<Tensor> {
+    if w.device().is_cpu() && w.dtype() == DType::F32 {
+        let w = w.contiguous()?;
+        let mean = crate::fused::with_cpu_f32([&w], "weight scale", |[v]| {
+            Ok(crate::fused::sum_f64(v, |x| x.abs() as f64) / v.len().max(1) as f64)
+        })? as f32;
+        return Ok(Tensor::new(1.0 / mean.max(QUANT_EPS as f32), w.device())?);
+    }
     Ok(w.abs()?.mean_all()?.maximum(QUANT_EPS)?.recip()?)
 }
 
@@ -167,6 +179,50 @@ mod tests {
         assert_eq!(got, ref_codes);
         let s = s.to_scalar::<f32>().unwrap();
         assert!((s - ref_s).abs() <= ref_s * 1e-6, "{s} vs {ref_s}");
+    }
+
+    /// The CPU scale against the definition in f64 (several parallel chunks and a tail), the
+    /// same bits on one thread and on three, for a transposed view, and near candle's f32 mean.
+    #[test]
+    fn weight_scale_is_the_inverse_absolute_mean() {
+        let mut rng = crate::rng::SplitMix64::new(9);
+        let (rows, cols) = (311, 331);
+        let vals: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng.normal() * 0.02) as f32)
+            .collect();
+        let w = Tensor::from_vec(vals.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let mean = vals.iter().map(|&v| v.abs() as f64).sum::<f64>() / vals.len() as f64;
+        let s = weight_scale(&w).unwrap().to_scalar::<f32>().unwrap();
+        let want = 1.0 / mean as f32;
+        assert!(
+            (s - want).abs() <= want * 2.0 * f32::EPSILON,
+            "{s} vs {want}"
+        );
+        let on = |threads: usize, w: &Tensor| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| weight_scale(w).unwrap().to_scalar::<f32>().unwrap())
+        };
+        assert_eq!(on(1, &w).to_bits(), s.to_bits());
+        assert_eq!(on(3, &w).to_bits(), s.to_bits());
+        let t = w.t().unwrap();
+        assert_eq!(weight_scale(&t).unwrap().to_scalar::<f32>().unwrap(), s);
+        let composed = w
+            .abs()
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .recip()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((s - composed).abs() <= s * 1e-5, "{s} vs {composed}");
+        // All zeros: the epsilon.
+        let z = Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap();
+        let sz = weight_scale(&z).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(sz, 1.0 / QUANT_EPS as f32);
     }
 
     #[test]

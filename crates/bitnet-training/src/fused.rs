@@ -99,6 +99,31 @@ pub(crate) fn with_cpu_f32<const N: usize, R>(
     f(data)
 }
 
+/// Values per parallel task of [`sum_f64`].
+const SUM_F64_CHUNK: usize = 1 << 15;
+
+/// `sum f(x_i)` in f64 over fixed chunks of `x` summed on the thread pool (four running sums
+/// each), the chunks' sums then added in order: the same bits whatever the thread count. For
+/// the per-step reductions over all weights or gradients, which candle's CPU backend sums as
+/// one f32 chain on the graph's thread while the pool waits.
+pub(crate) fn sum_f64(x: &[f32], f: impl Fn(f32) -> f64 + Sync) -> f64 {
+    let partials: Vec<f64> = x
+        .par_chunks(SUM_F64_CHUNK)
+        .map(|c| {
+            let mut acc = [0f64; 4];
+            let mut quads = c.chunks_exact(4);
+            for q in &mut quads {
+                for (a, &v) in acc.iter_mut().zip(q) {
+                    *a += f(v);
+                }
+            }
+            let tail: f64 = quads.remainder().iter().map(|&v| f(v)).sum();
+            ((acc[0] + acc[2]) + (acc[1] + acc[3])) + tail
+        })
+        .collect();
+    partials.iter().sum()
+}
+
 /// `sum f(cols[..][i])` over `i < n` (`n` the shortest column's length) in eight running sums
 /// (term `i` of the whole blocks of eight into sum `i % 8`), added pairwise, then the tail's
 /// sum: one vector of independent additions instead of one long chain.

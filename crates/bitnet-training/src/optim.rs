@@ -2,7 +2,7 @@
 //! hold (first and second moments, step count).
 
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::{Result, TrainError};
 
@@ -85,9 +85,18 @@ impl AdamW {
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
         let mut total = 0f64;
         for (_, p) in &self.params {
-            if let Some(g) = grads.get(p.as_tensor()) {
-                total += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-            }
+            let Some(g) = grads.get(p.as_tensor()) else {
+                continue;
+            };
+            total += if g.device().is_cpu() && g.dtype() == DType::F32 {
+                // On the pool, in f64: candle's CPU sum is one f32 chain on this thread.
+                let g = g.contiguous()?;
+                crate::fused::with_cpu_f32([&g], "gradient norm", |[v]| {
+                    Ok(crate::fused::sum_f64(v, |x| x as f64 * x as f64))
+                })?
+            } else {
+                g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64
+            };
         }
         Ok(total.sqrt())
     }
@@ -283,6 +292,32 @@ mod tests {
             (m[0] - 0.1 * 0.6).abs() < 1e-7 && (m[1] - 0.1 * 0.8).abs() < 1e-7,
             "{m:?}"
         );
+    }
+
+    /// The gradient norm over several parameters and parallel chunks against the definition.
+    #[test]
+    fn gradient_norm_is_the_global_l2_norm() {
+        let n = 3 * (1 << 15) + 5;
+        let a: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let var = |v: Vec<f32>| Var::from_tensor(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![
+            ("a".to_string(), var(a.clone())),
+            ("b".to_string(), var(vec![2.0, -1.0])),
+        ];
+        let opt = AdamW::new(vars.clone(), 0.9, 0.95, 1e-8).unwrap();
+        // loss = 0.5 sum p^2: the gradient is p itself.
+        let loss = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().sqr().unwrap().sum_all().unwrap())
+            .reduce(|x, y| x.add(&y).unwrap())
+            .unwrap()
+            .affine(0.5, 0.0)
+            .unwrap();
+        let norm = opt.grad_norm(&loss.backward().unwrap()).unwrap();
+        let want = (a.iter().map(|&v| v as f64 * v as f64).sum::<f64>() + 5.0).sqrt();
+        assert!((norm - want).abs() <= want * 1e-12, "{norm} vs {want}");
     }
 
     /// The one-pass CPU update against the composition of candle operations: the same bits
