@@ -11,6 +11,8 @@
 #
 # Environment:
 #   THREADS=2            threads for each engine
+#   ROUNDS=3             rounds; each runs Rust then PyTorch, and the table gives every
+#                        round's ratio and their median
 #   DATA=FILE            training text for `bitnet train` (default: a generated
 #                        random-word corpus; the torch side uses random tokens)
 #   WARMUP_STEPS=3       leading torch steps left out of its median (`bitnet train`
@@ -22,8 +24,8 @@
 #                        several GB, unused here)
 #
 # Both engines' tokens/s are batch_size*seq_len / median step time after the warm-up
-# steps (Rust: "step_seconds_median" of OUT/summary.json); the Rust mean over all of
-# its steps, the first ones included ("tokens_per_s"), is printed beside it.
+# steps (Rust: "step_seconds_median" of OUT/summary.json), per round; the ratio quoted is
+# the median of the rounds' ratios.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,6 +34,7 @@ cd "$repo"
 config=${1:-}
 steps=${2:-20}
 threads=${THREADS:-2}
+rounds=${ROUNDS:-3}
 warmup=${WARMUP_STEPS:-3}
 venv=${VENV:-target/torch-venv}
 reqs=scripts/requirements-torch.txt
@@ -74,7 +77,6 @@ fi
 echo "== torch $have_torch ($venv)"
 
 # --- Rust side ------------------------------------------------------------------
-rust_json=""
 rust_status="skipped"
 if [[ "${SKIP_RUST:-0}" != 1 ]]; then
     data=${DATA:-}
@@ -100,59 +102,81 @@ EOF
     fi
     echo "== building bitnet-cli (release)"
     if cargo build --release -p bitnet-cli; then
-        rust_out=$work/rust_run
-        echo "== rust: bitnet train --steps $steps --threads $threads"
-        if target/release/bitnet train --data "$data" --config "$config" --steps "$steps" \
-            --out "$rust_out" --threads "$threads"; then
-            if [[ -f "$rust_out/summary.json" ]]; then
-                rust_json=$(cat "$rust_out/summary.json")
-                rust_status="ok"
-            else
-                rust_status="no summary.json"
-            fi
-        else
-            rust_status="bitnet train failed"
-        fi
+        rust_status="ok"
     else
         rust_status="build failed"
     fi
 fi
 
-# --- PyTorch side ---------------------------------------------------------------
-echo "== pytorch: torch_train_bench.py --steps $steps --threads $threads"
-torch_log=$work/torch.out
-"$py" scripts/torch_train_bench.py --config "$config" --steps "$steps" \
-    --threads "$threads" --warmup-steps "$warmup" | tee "$torch_log"
-torch_json=$(grep '^{' "$torch_log" | tail -n 1)
+# --- Rounds: the two engines one after the other, `rounds` times ---------------------
+# This machine class is shared and its speed drifts by tens of percent within minutes;
+# alternating the engines and taking medians keeps a slow phase from landing on one side.
+results=$work/results.jsonl
+: >"$results"
+for round in $(seq "$rounds"); do
+    if [[ "$rust_status" == ok ]]; then
+        rust_out=$work/rust_run_$round
+        echo "== round $round/$rounds, rust: bitnet train --steps $steps --threads $threads"
+        if target/release/bitnet train --data "$data" --config "$config" --steps "$steps" \
+            --out "$rust_out" --threads "$threads" && [[ -f "$rust_out/summary.json" ]]; then
+            python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); d["engine"]="rust"; d["round"]=int(sys.argv[2]); print(json.dumps(d))' \
+                "$rust_out/summary.json" "$round" >>"$results"
+        else
+            rust_status="bitnet train failed (round $round)"
+        fi
+    fi
+    echo "== round $round/$rounds, pytorch: torch_train_bench.py --steps $steps --threads $threads"
+    torch_log=$work/torch_$round.out
+    "$py" scripts/torch_train_bench.py --config "$config" --steps "$steps" \
+        --threads "$threads" --warmup-steps "$warmup" | tee "$torch_log"
+    grep '^{' "$torch_log" | tail -n 1 |
+        python3 -c 'import json,sys; d=json.loads(sys.stdin.read()); d["round"]=int(sys.argv[1]); print(json.dumps(d))' "$round" >>"$results"
+done
 
 # --- Table ------------------------------------------------------------------------
-python3 - "$rust_status" "$rust_json" "$torch_json" <<'EOF'
-import json, sys
-rust_status, rust_raw, torch_raw = sys.argv[1:4]
-torch = json.loads(torch_raw)
-rust = json.loads(rust_raw) if rust_raw else None
-rows = []
-rust_tps = None
-if rust is not None:
-    median = float(rust.get("step_seconds_median", 0.0))
-    per_step = rust["tokens"] / max(rust["steps"], 1)
-    rust_tps = per_step / median if median > 0 else float(rust["tokens_per_s"])
-    rows.append(("rust (bitnet)", rust.get("threads", "?"), rust_tps))
-else:
-    rows.append((f"rust (bitnet): {rust_status}", "-", None))
-rows.append((f"pytorch {torch.get('torch_version', '')}".strip(), torch["threads"],
-             float(torch["tokens_per_s"])))
+python3 - "$rust_status" "$results" <<'EOF'
+import json, statistics, sys
+rust_status, path = sys.argv[1:3]
+runs = [json.loads(line) for line in open(path) if line.strip()]
+rust = {r["round"]: r for r in runs if r.get("engine") == "rust"}
+torch = {r["round"]: r for r in runs if r.get("engine") == "pytorch"}
+
+def rust_tps(r):
+    # Median step after Rust's own 3 warm-up steps, as torch's figure is.
+    median = float(r.get("step_seconds_median", 0.0))
+    per_step = r["tokens"] / max(r["steps"], 1)
+    return per_step / median if median > 0 else float(r["tokens_per_s"])
+
+first = next(iter(torch.values()), {})
 print()
-print(f"{'engine':34s} {'threads':>7s} {'tokens/s':>12s}")
-for name, thr, tps in rows:
-    print(f"{name:34s} {str(thr):>7s} {('%.1f' % tps) if tps else 'n/a':>12s}")
-if rust_tps is not None and torch["tokens_per_s"] > 0:
-    print(f"ratio rust/torch: {rust_tps / torch['tokens_per_s']:.3f}")
-    print(f"(rust mean over all its steps, warm-up included: {float(rust['tokens_per_s']):.1f})")
+print(f"{'round':>5s} {'rust tokens/s':>14s} {'torch tokens/s':>15s} {'ratio':>7s}")
+ratios = []
+for rnd in sorted(torch):
+    t = float(torch[rnd]["tokens_per_s"])
+    r = rust_tps(rust[rnd]) if rnd in rust else None
+    ratio = r / t if r and t > 0 else None
+    if ratio:
+        ratios.append(ratio)
+    print(f"{rnd:>5d} {('%.1f' % r) if r else 'n/a':>14s} {t:>15.1f} "
+          f"{('%.3f' % ratio) if ratio else 'n/a':>7s}")
+threads = first.get("threads", "?")
+print()
+print(f"{'engine':34s} {'threads':>7s} {'tokens/s':>12s}  (median of rounds)")
+if rust:
+    rust_median = statistics.median(rust_tps(r) for r in rust.values())
+    print(f"{'rust (bitnet)':34s} {str(threads):>7s} {rust_median:>12.1f}")
+else:
+    print(f"rust (bitnet): {rust_status}")
+torch_median = statistics.median(float(t["tokens_per_s"]) for t in torch.values())
+name = f"pytorch {first.get('torch_version', '')}".strip()
+print(f"{name:34s} {str(threads):>7s} {torch_median:>12.1f}")
+if ratios:
+    print(f"ratio rust/torch: {statistics.median(ratios):.3f} (median of {len(ratios)} rounds' "
+          f"ratios; min {min(ratios):.3f}, max {max(ratios):.3f})")
 else:
     print("ratio rust/torch: n/a")
-print(f"(both: median step after warm-up; torch left out {torch.get('warmup_steps', '?')} "
-      "steps, rust 3)")
+print(f"(each run: median step after warm-up; torch left out "
+      f"{first.get('warmup_steps', '?')} steps, rust 3)")
 EOF
 
 if [[ "${SKIP_RUST:-0}" != 1 && "$rust_status" != ok ]]; then

@@ -229,7 +229,8 @@ impl CausalAttention {
     pub(crate) fn forward_rows(&self, (q, k, v): RowArgs, b: usize, t: usize) -> Vec<f32> {
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
         let kernels = Kernels::get();
-        let mut y = zeroed(b * qn);
+        // Every head of every position is written.
+        let mut y = crate::scratch::take(b * qn);
         y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
             let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
             self.forward_row(kernels, rows, y);

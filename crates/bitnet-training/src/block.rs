@@ -27,10 +27,11 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
     add_into, f32_slice, product, product_tn_codes, relu2_gate_grads, relu2_gate_values,
-    rms_norm_grads, side_by_side, with_cpu_f32, zeroed,
+    rms_norm_grads, side_by_side, with_cpu_f32,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
+use crate::scratch;
 use crate::Result;
 
 /// The operation's name in error messages.
@@ -104,6 +105,23 @@ struct Saved {
     m: Vec<f32>,
     /// Quantized input of `down_proj`.
     mq: QuantizedRows,
+}
+
+impl Drop for Saved {
+    fn drop(&mut self) {
+        for v in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.a,
+            &mut self.x1,
+            &mut self.g,
+            &mut self.u,
+            &mut self.m,
+        ] {
+            scratch::give_back(std::mem::take(v));
+        }
+    }
 }
 
 /// One block for one forward pass (a fresh operation per call).
@@ -263,18 +281,28 @@ impl BlockOp {
     ) -> candle_core::Result<Vec<f32>> {
         let (rows, in_f) = (input.rows(), self.linear_dims(ids[0]).1);
         let width: usize = ids.iter().map(|&i| self.linear_dims(i).0).sum();
-        let mut w_eff = Vec::with_capacity(width * in_f);
+        // The linears' weights stacked, each written in full.
+        let mut w_eff = scratch::take(width * in_f);
+        let mut at = 0;
         for &i in ids {
-            w_eff.extend_from_slice(&saved.weights[i].effective());
+            let part = self.linear_dims(i).0 * in_f;
+            saved.weights[i].effective_into(&mut w_eff[at..at + part]);
+            at += part;
         }
         let dx = product(dy, (rows, width), &w_eff, in_f, false, BLOCK)?;
+        scratch::give_back(w_eff);
         let codes = input
             .codes()
             .map_err(|e| candle_core::Error::Msg(format!("{BLOCK}: {e}")))?;
         let mut dw = product_tn_codes(dy, (rows, width), codes, in_f, BLOCK)?;
-        for &i in ids.iter().rev() {
+        // The last linears' parts split off the end; what is left is the first one's.
+        for (n, &i) in ids.iter().enumerate().rev() {
             let out_f = self.linear_dims(i).0;
-            let part = dw.split_off(dw.len() - out_f * in_f);
+            let part = if n == 0 {
+                std::mem::take(&mut dw)
+            } else {
+                dw.split_off(dw.len() - out_f * in_f)
+            };
             self.sink.push(
                 &self.linears[i].0,
                 Tensor::from_vec(part, (out_f, in_f), dev)?,
@@ -316,23 +344,38 @@ impl BlockOp {
         let dx = with_cpu_f32([x, &dy], BLOCK, |[x, dy_v]| {
             with_cpu_f32(norm_refs, BLOCK, |[an, asn, fnn, fsn]| {
                 // Feed-forward half: down, its norm, the gate, gate and up, their norm.
+                // Each activation-sized gradient goes back to the scratch pool after its
+                // last use.
                 let dmn = self.linear_grads(s, &[DOWN], dy_v, &s.mq, dev)?;
                 let dm = self.norm_grads(FFN_SUB_NORM, &s.m, &dmn, f, fsn)?;
-                let mut dgu = zeroed(2 * dm.len());
+                scratch::give_back(dmn);
+                // Both halves written for every row.
+                let mut dgu = scratch::take(2 * dm.len());
                 relu2_gate_grads(&s.g, &s.u, &dm, f, &mut dgu);
+                scratch::give_back(dm);
                 let dh2 = self.linear_grads(s, &[GATE, UP], &dgu, &s.h2q, dev)?;
+                scratch::give_back(dgu);
                 let mut dx1 = self.norm_grads(FFN_NORM, &s.x1, &dh2, h, fnn)?;
+                scratch::give_back(dh2);
                 add_into(&mut dx1, dy_v);
                 // Attention half: o, its norm, the attention, q/k/v, their norm.
                 let dan = self.linear_grads(s, &[O], &dx1, &s.aq, dev)?;
                 let da = self.norm_grads(ATTN_SUB_NORM, &s.a, &dan, qw, asn)?;
+                scratch::give_back(dan);
                 let (dq, dk, dv) =
                     self.attention
                         .backward_rows((&s.q, &s.k, &s.v), (&s.a, &da), batch, t);
+                scratch::give_back(da);
                 let dqkv = side_by_side(&[(&dq, qw), (&dk, kw), (&dv, kw)], rows);
+                for part in [dq, dk, dv] {
+                    scratch::give_back(part);
+                }
                 let dh = self.linear_grads(s, &[Q, K, V], &dqkv, &s.hq, dev)?;
+                scratch::give_back(dqkv);
                 let mut dx = self.norm_grads(ATTN_NORM, x, &dh, h, an)?;
+                scratch::give_back(dh);
                 add_into(&mut dx, &dx1);
+                scratch::give_back(dx1);
                 Ok(dx)
             })
         })?;
@@ -432,7 +475,22 @@ mod tests {
             let m = Transformer::new(&shape, true, 11, &Device::Cpu).unwrap();
             let ids: Vec<u32> = (0..3 * 10).map(|i| (i * 7 + i / 5) % 37).collect();
             let ids = Tensor::from_vec(ids, (3, 10), &Device::Cpu).unwrap();
+            // Twice: the second pass runs on the buffers the first gave back to the scratch
+            // pool, stale values in them, and must give the same bits.
+            let (first, first_grads) = m.loss_and_grads(&ids).unwrap();
             let (loss, grads) = m.loss_and_grads(&ids).unwrap();
+            assert_eq!(
+                first.to_scalar::<f32>().unwrap().to_bits(),
+                loss.to_scalar::<f32>().unwrap().to_bits()
+            );
+            for (name, var) in m.named_params() {
+                let (a, b) = (first_grads.get(&var).unwrap(), grads.get(&var).unwrap());
+                assert_eq!(
+                    a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    "{name}"
+                );
+            }
             let want_loss = m.loss(&ids).unwrap();
             let want = want_loss.backward().unwrap();
             assert_eq!(

@@ -9,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::scratch;
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::sgemm::{sgemm, MatRef, RightOperand, ScaledCodes};
@@ -156,7 +157,7 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
 /// RMSNorm `x * inv_rms(x) * w` of each `w.len()`-wide row of `x`.
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
-    let mut out = zeroed(x.len());
+    let mut out = scratch::take(x.len());
     out.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(x.par_chunks(n * ROWS_PER_TASK))
         .for_each(|(o, x)| {
@@ -180,7 +181,7 @@ pub(crate) fn rms_norm_row(row: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
 /// `dx = r * (g * w) - x * r^3 * mean(g * w * x)` per row.
 pub(crate) fn rms_norm_grad_x(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> Vec<f32> {
     let n = w.len();
-    let mut out = zeroed(x.len());
+    let mut out = scratch::take(x.len());
     out.par_chunks_mut(n * ROWS_PER_TASK)
         .zip(
             x.par_chunks(n * ROWS_PER_TASK)
@@ -249,7 +250,7 @@ fn add_partials(partials: &[Vec<f32>], n: usize) -> Vec<f32> {
 /// row), with the same bits as the two.
 pub(crate) fn rms_norm_grads(x: &[f32], w: &[f32], g: &[f32], eps: f32) -> (Vec<f32>, Vec<f32>) {
     let n = w.len();
-    let mut dx = zeroed(x.len());
+    let mut dx = scratch::take(x.len());
     let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(n * ROWS_PER_TASK)
         .zip(
@@ -466,7 +467,7 @@ fn cross_entropy_grad_rows(
     }
     let kernels = Kernels::get();
     let k = scale / n as f32;
-    let mut out = zeroed(logits.len());
+    let mut out = scratch::take(logits.len());
     out.par_chunks_mut(v * ROWS_PER_TASK)
         .zip(
             logits
@@ -618,7 +619,8 @@ fn product_of<'b, B: Into<RightOperand<'b>>>(
     what: &str,
 ) -> candle_core::Result<Vec<f32>> {
     let bad = |e: bitnet_quant::Error| candle_core::Error::Msg(format!("{what}: {e}"));
-    let mut out = zeroed(len);
+    // Written in full: the product does not accumulate.
+    let mut out = scratch::take(len);
     sgemm(Kernels::get(), a.map_err(bad)?, b.map_err(bad)?, &mut out).map_err(bad)?;
     Ok(out)
 }
@@ -721,6 +723,14 @@ struct HeadLoss {
     saved: OnceLock<(Vec<f32>, Vec<f32>)>,
 }
 
+impl Drop for HeadLoss {
+    fn drop(&mut self) {
+        if let Some((logits, _)) = self.saved.take() {
+            scratch::give_back(logits);
+        }
+    }
+}
+
 impl candle_core::CustomOp3 for HeadLoss {
     fn name(&self) -> &'static str {
         "bitnet-head-loss"
@@ -759,6 +769,7 @@ impl candle_core::CustomOp3 for HeadLoss {
         let targets = targets.to_vec1::<u32>()?;
         let d = cross_entropy_grad_rows(logits, &targets, lse, (n, m), scale)?;
         let (dx, dw) = head_grads(&d, x, w)?;
+        scratch::give_back(d);
         Ok((Some(dx), Some(dw), None))
     }
 }
@@ -780,7 +791,7 @@ const GATE_CHUNK: usize = 1 << 16;
 
 /// `relu(g)^2 * u` element-wise.
 pub(crate) fn relu2_gate_values(g: &[f32], u: &[f32]) -> Vec<f32> {
-    let mut out = zeroed(g.len());
+    let mut out = scratch::take(g.len());
     out.par_chunks_mut(GATE_CHUNK)
         .zip(g.par_chunks(GATE_CHUNK).zip(u.par_chunks(GATE_CHUNK)))
         .for_each(|(o, (g, u))| {
@@ -834,7 +845,7 @@ pub(crate) fn relu2_gate_grads(g: &[f32], u: &[f32], d: &[f32], f: usize, out: &
 /// the widths]`.
 pub(crate) fn side_by_side(parts: &[(&[f32], usize)], rows: usize) -> Vec<f32> {
     let width: usize = parts.iter().map(|p| p.1).sum();
-    let mut out = zeroed(rows * width);
+    let mut out = scratch::take(rows * width);
     out.par_chunks_mut(width * ROWS_PER_TASK)
         .enumerate()
         .for_each(|(task, o)| {

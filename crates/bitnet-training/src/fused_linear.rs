@@ -27,6 +27,9 @@ use rayon::prelude::*;
 use crate::fused::{add_into, f32_slice, rms_norm_row, zeroed};
 use crate::Result;
 
+/// Weights per parallel task of [`TernaryLinear::effective_into`].
+const EFFECTIVE_CHUNK: usize = 1 << 14;
+
 /// Rows (tokens) per parallel task when quantizing or dequantizing activations.
 const ROWS_PER_TASK: usize = 64;
 
@@ -153,7 +156,8 @@ impl TernaryLinear {
         } else {
             Vec::new()
         };
-        let mut y = zeroed(x.rows() * out_f);
+        // Written in full by the product.
+        let mut y = crate::scratch::take(x.rows() * out_f);
         self.packed
             .forward_quantized(Kernels::get(), x.xq.as_i8(), &x.s_x, &mut acc, &mut y);
         y
@@ -165,6 +169,17 @@ impl TernaryLinear {
             .par_iter()
             .map(|&c| c as f32 / self.s_w)
             .collect()
+    }
+
+    /// [`Self::effective`] into `out` (`out_f * in_f` values).
+    pub(crate) fn effective_into(&self, out: &mut [f32]) {
+        out.par_chunks_mut(EFFECTIVE_CHUNK)
+            .zip(self.codes.par_chunks(EFFECTIVE_CHUNK))
+            .for_each(|(o, c)| {
+                for (o, &c) in o.iter_mut().zip(c) {
+                    *o = c as f32 / self.s_w;
+                }
+            });
     }
 }
 

@@ -28,6 +28,7 @@ pub mod model;
 pub mod optim;
 pub mod plot;
 pub mod rng;
+mod scratch;
 #[cfg(test)]
 mod testing;
 pub mod train;
