@@ -20,12 +20,13 @@
 //! Its sums run in another order than the composition's, so the two agree to f32 rounding, not
 //! bit for bit (tested); it is deterministic whatever the thread count.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::fused::{f32_slice, sum8, with_cpu_f32, zeroed};
+use crate::scratch;
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
 use bitnet_quant::sgemm::{sgemm_with, MatRef, Product};
@@ -200,6 +201,17 @@ pub(crate) struct CausalAttention {
     dims: Dims,
     scale: f32,
     rope: RopeAngles,
+    /// The probabilities of the forward pass, when this runs as a graph operation of its own
+    /// (a block keeps them with the rest of what it saves).
+    saved_probs: OnceLock<Vec<f32>>,
+}
+
+impl Drop for CausalAttention {
+    fn drop(&mut self) {
+        if let Some(p) = self.saved_probs.take() {
+            scratch::give_back(p);
+        }
+    }
 }
 
 impl CausalAttention {
@@ -221,33 +233,61 @@ impl CausalAttention {
             },
             scale: (1.0 / (head_dim as f64).sqrt()) as f32,
             rope: rope.clone(),
+            saved_probs: OnceLock::new(),
         })
     }
 
+    /// Values of one batch row's probabilities as [`Self::forward_row`] keeps them: for each
+    /// KV head, each block of positions `i0..i1` gives `(i1 - i0) * group` rows of `i1`.
+    fn probs_len(&self, t: usize) -> usize {
+        let rows_times_keys: usize = (0..t)
+            .step_by(QUERY_BLOCK)
+            .map(|i0| {
+                let i1 = (i0 + QUERY_BLOCK).min(t);
+                (i1 - i0) * i1
+            })
+            .sum();
+        self.dims.kv_heads * self.dims.group() * rows_times_keys
+    }
+
     /// The outputs `[b, t, q_width]` for `b` batch rows of `t` positions of `q`, `k`, `v`
-    /// (laid out as [`causal_attention`] takes them), one task per batch row.
-    pub(crate) fn forward_rows(&self, (q, k, v): RowArgs, b: usize, t: usize) -> Vec<f32> {
+    /// (laid out as [`causal_attention`] takes them), one task per batch row, and the
+    /// probabilities, which [`Self::backward_rows`] takes.
+    pub(crate) fn forward_rows(
+        &self,
+        (q, k, v): RowArgs,
+        b: usize,
+        t: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let pn = self.probs_len(t);
         let kernels = Kernels::get();
-        // Every head of every position is written.
-        let mut y = crate::scratch::take(b * qn);
-        y.par_chunks_mut(qn.max(1)).enumerate().for_each(|(r, y)| {
-            let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
-            self.forward_row(kernels, rows, y);
-        });
-        y
+        // Every head of every position is written, and every block's probabilities.
+        let mut y = scratch::take(b * qn);
+        let mut probs = scratch::take(b * pn);
+        y.par_chunks_mut(qn.max(1))
+            .zip(probs.par_chunks_mut(pn.max(1)))
+            .enumerate()
+            .for_each(|(r, (y, p))| {
+                let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
+                self.forward_row(kernels, rows, y, p);
+            });
+        (y, probs)
     }
 
     /// The gradients `(dq, dk, dv)` for `b` batch rows of `t` positions, from the arguments,
-    /// the outputs `y` of [`Self::forward_rows`] and their gradient `dy`.
+    /// the outputs `y` and probabilities `probs` of [`Self::forward_rows`] and the outputs'
+    /// gradient `dy`.
     pub(crate) fn backward_rows(
         &self,
         (q, k, v): RowArgs,
         (y, dy): (&[f32], &[f32]),
+        probs: &[f32],
         b: usize,
         t: usize,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+        let pn = self.probs_len(t);
         let kernels = Kernels::get();
         let mut dq = zeroed(b * qn);
         let mut dk = zeroed(b * kn);
@@ -261,7 +301,8 @@ impl CausalAttention {
             .for_each(|(r, (dq, (dk, dv)))| {
                 let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
                 let out = (&y[r * qn..][..qn], &dy[r * qn..][..qn]);
-                self.backward_row(kernels, rows, out, (dq, dk, dv));
+                let p = &probs[r * pn..][..pn];
+                self.backward_row(kernels, rows, out, p, (dq, dk, dv));
             });
         (dq, dk, dv)
     }
@@ -305,7 +346,7 @@ impl CausalAttention {
     /// against keys `0..i1` into `p` (`[(i1 - i0) * group, i1]`, row-major): the scores of the
     /// rotated queries with the rotated keys (`qr`, `kr`: one batch row by [`head_major`]) as
     /// one matrix product, then the softmax of each query's scaled scores over keys `0..=i`,
-    /// zeros past it. The backward pass calls it again and gets the same bits.
+    /// zeros past it.
     fn probabilities(
         &self,
         k: &Kernels,
@@ -333,8 +374,10 @@ impl CausalAttention {
 
     /// One batch row: `q [t, q_width]`, `k`, `v [t, kv_width]` -> `y [t, q_width]`, one block
     /// of `QUERY_BLOCK` positions of the query heads of one KV head at a time (the heads that
-    /// share keys and values share each product: taller blocks, one packing of the keys).
-    fn forward_row(&self, k: &Kernels, (q, kk, v): RowArgs, y: &mut [f32]) {
+    /// share keys and values share each product: taller blocks, one packing of the keys),
+    /// each block's probabilities kept in `probs` ([`Self::probs_len`] values), block after
+    /// block.
+    fn forward_row(&self, k: &Kernels, (q, kk, v): RowArgs, y: &mut [f32], probs: &mut [f32]) {
         let d = &self.dims;
         let (hd, qw, t, group) = (d.head_dim, d.q_width(), q.len() / d.q_width(), d.group());
         let rope = Some(&self.rope);
@@ -343,14 +386,16 @@ impl CausalAttention {
             head_major(kk, d.kv_heads, 1, hd, rope),
         );
         let vh = head_major(v, d.kv_heads, 1, hd, None);
-        let mut p = vec![0f32; QUERY_BLOCK.min(t) * group * t];
         let mut out = vec![0f32; QUERY_BLOCK.min(t) * group * hd];
+        let mut kept = probs;
         for g in 0..d.kv_heads {
             let values = &vh[g * t * hd..];
             for i0 in (0..t).step_by(QUERY_BLOCK) {
                 let i1 = (i0 + QUERY_BLOCK).min(t);
                 let rows = (i1 - i0) * group;
-                let (p, out) = (&mut p[..rows * i1], &mut out[..rows * hd]);
+                let (p, rest) = std::mem::take(&mut kept).split_at_mut(rows * i1);
+                kept = rest;
+                let out = &mut out[..rows * hd];
                 self.probabilities(k, (&qr, &kr), (i0, i1, g), p);
                 product(k, mat(p, rows, i1), mat(values, i1, hd), out, false);
                 for (r, o) in out.chunks_exact(hd).enumerate() {
@@ -364,8 +409,9 @@ impl CausalAttention {
     /// The gradients of one batch row, added to `dq`, `dk`, `dv` (the arguments' shapes,
     /// zeroed), from the arguments, the output `y` and its gradient `dy`.
     ///
-    /// Per block of positions `i0..i1` of the query heads of KV head `g` (keys `0..i1`), as
-    /// matrix products: `P` again, `dP = dY V^T`, `dS = scale * P * (dP - rowsum(dY * Y))`
+    /// Per block of positions `i0..i1` of the query heads of KV head `g` (keys `0..i1`), with
+    /// the block's `P` from the forward pass (`probs`, as [`Self::forward_row`] kept them), as
+    /// matrix products: `dP = dY V^T`, `dS = scale * P * (dP - rowsum(dY * Y))`
     /// (the softmax gradient: `sum_j p_j dp_j = dy . y`), `dQ = dS K`, `dK += dS^T Q`,
     /// `dV += P^T dY`.
     fn backward_row(
@@ -373,6 +419,7 @@ impl CausalAttention {
         k: &Kernels,
         (q, kk, v): RowArgs,
         (y, dy): (&[f32], &[f32]),
+        probs: &[f32],
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     ) {
         let d = &self.dims;
@@ -392,14 +439,15 @@ impl CausalAttention {
             vec![0f32; kk.len()],
             vec![0f32; kk.len()],
         );
-        let mut p = vec![0f32; QUERY_BLOCK.min(t) * group * t];
-        let mut ds = vec![0f32; p.len()];
+        let mut ds = vec![0f32; QUERY_BLOCK.min(t) * group * t];
+        let mut kept = probs;
         for g in 0..d.kv_heads {
             for i0 in (0..t).step_by(QUERY_BLOCK) {
                 let i1 = (i0 + QUERY_BLOCK).min(t);
                 let nb = (i1 - i0) * group;
-                let (p, ds) = (&mut p[..nb * i1], &mut ds[..nb * i1]);
-                self.probabilities(k, (&qr, &kr), (i0, i1, g), p);
+                let (p, rest) = kept.split_at(nb * i1);
+                kept = rest;
+                let ds = &mut ds[..nb * i1];
                 let rows = self.query_rows(g, (i0, i1), t);
                 let keys = g * t * hd..(g * t + i1) * hd;
                 let dyb = &dyh[rows.clone()];
@@ -451,10 +499,10 @@ impl CustomOp3 for CausalAttention {
             f32_slice(s2, l2, ATT)?,
             f32_slice(s3, l3, ATT)?,
         );
-        Ok((
-            CpuStorage::F32(self.forward_rows((q, k, v), b, t)),
-            l1.shape().clone(),
-        ))
+        let (y, probs) = self.forward_rows((q, k, v), b, t);
+        // One forward per operation value (a fresh one per call), so this is set once.
+        let _ = self.saved_probs.set(probs);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
@@ -466,9 +514,12 @@ impl CustomOp3 for CausalAttention {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, t) = self.batch_and_len(q.dims(), k.dims(), v.dims())?;
+        let Some(probs) = self.saved_probs.get() else {
+            candle_core::bail!("{ATT}: backward pass without a CPU forward pass");
+        };
         let dy = dy.contiguous()?;
         let (dq, dk, dv) = with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
-            Ok(self.backward_rows((q_, k_, v_), (y_, dy_), b, t))
+            Ok(self.backward_rows((q_, k_, v_), (y_, dy_), probs, b, t))
         })?;
         let dev = q.device();
         Ok((

@@ -93,6 +93,8 @@ struct Saved {
     v: Vec<f32>,
     /// Attention output (the input of `attn_sub_norm`).
     a: Vec<f32>,
+    /// The attention's probabilities.
+    probs: Vec<f32>,
     /// Quantized input of `o_proj`.
     aq: QuantizedRows,
     /// The residual stream after the attention half.
@@ -114,6 +116,7 @@ impl Drop for Saved {
             &mut self.k,
             &mut self.v,
             &mut self.a,
+            &mut self.probs,
             &mut self.x1,
             &mut self.g,
             &mut self.u,
@@ -236,7 +239,7 @@ impl BlockOp {
                 weights[K].forward(&hq),
                 weights[V].forward(&hq),
             );
-            let a = self.attention.forward_rows((&q, &k, &v), batch, t);
+            let (a, probs) = self.attention.forward_rows((&q, &k, &v), batch, t);
             let aq = quantized(&a, asn, O);
             let mut x1 = weights[O].forward(&aq);
             add_into(&mut x1, x);
@@ -254,6 +257,7 @@ impl BlockOp {
                 k,
                 v,
                 a,
+                probs,
                 aq,
                 x1,
                 h2q,
@@ -362,9 +366,13 @@ impl BlockOp {
                 let dan = self.linear_grads(s, &[O], &dx1, &s.aq, dev)?;
                 let da = self.norm_grads(ATTN_SUB_NORM, &s.a, &dan, qw, asn)?;
                 scratch::give_back(dan);
-                let (dq, dk, dv) =
-                    self.attention
-                        .backward_rows((&s.q, &s.k, &s.v), (&s.a, &da), batch, t);
+                let (dq, dk, dv) = self.attention.backward_rows(
+                    (&s.q, &s.k, &s.v),
+                    (&s.a, &da),
+                    &s.probs,
+                    batch,
+                    t,
+                );
                 scratch::give_back(da);
                 let dqkv = side_by_side(&[(&dq, qw), (&dk, kw), (&dv, kw)], rows);
                 for part in [dq, dk, dv] {
