@@ -42,7 +42,7 @@ pub struct TrainArgs {
     /// Seed of initialisation and data order (overrides the configuration).
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Threads for candle's CPU kernels (default: all cores).
+    /// Worker threads, this one among them (default: one per physical core).
     #[arg(long)]
     pub threads: Option<usize>,
     /// Stop after this many steps (checkpointed; `--resume` continues).
@@ -66,13 +66,16 @@ pub struct TrainArgs {
 
 /// Runs `bitnet train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    if let Some(t) = a.threads {
-        if t == 0 {
-            bail!("--threads must be at least 1");
-        }
-        // candle sizes its matmul parallelism from this variable; set before any work starts.
-        std::env::set_var("RAYON_NUM_THREADS", t.to_string());
+    if a.threads == Some(0) {
+        bail!("--threads must be at least 1");
     }
+    // This thread, which walks candle's graph, is one of the workers: each fused operation's
+    // parallel loops then start here and are shared out by work stealing, rather than handed
+    // to the pool with this thread asleep until they finish (a wake-up per loop, hundreds a
+    // step).
+    let threads = bitnet_core::init_global_pool(a.threads.unwrap_or(0))?;
+    // candle sizes its matmul parallelism from this variable; set before any work starts.
+    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     // candle allocates a fresh buffer per operation: keep freed memory in the heap instead of
     // unmapping it and faulting it in again (a fifth more tokens/s; see `heap`).
     bitnet_core::heap::keep_freed_memory();
