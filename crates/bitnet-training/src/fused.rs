@@ -147,11 +147,17 @@ pub(crate) fn sum8<const K: usize>(cols: [&[f32]; K], f: impl Fn([f32; K]) -> f3
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `1 / sqrt(mean(x^2) + eps)` of one row.
+/// `1 / sqrt(mean(x^2) + eps)` of one row, as the inference engine computes it (the sum of
+/// squares in f64, `bitnet_quant::kernels::scalar::sum_squares`, rounded once): the trained
+/// model's norms are the exported model's, and a BitLinear input's RMSNorm and int8 codes
+/// can come from the kernel sets' fused `rms_norm_quantize`.
 #[inline]
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ss = sum8([row], |[x]| x * x);
-    1.0 / (ss / row.len() as f32 + eps).sqrt()
+    bitnet_quant::kernels::inv_rms(
+        bitnet_quant::kernels::scalar::sum_squares(row),
+        row.len(),
+        eps,
+    )
 }
 
 /// RMSNorm `x * inv_rms(x) * w` of each `w.len()`-wide row of `x`.

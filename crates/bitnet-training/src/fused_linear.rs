@@ -24,7 +24,7 @@ use bitnet_quant::ternary::TernaryMatrix;
 use candle_core::{CpuStorage, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{add_into, f32_slice, rms_norm_row, zeroed};
+use crate::fused::{add_into, f32_slice, zeroed};
 use crate::Result;
 
 /// Weights per parallel task of [`TernaryLinear::effective_into`].
@@ -59,22 +59,21 @@ impl QuantizedRows {
         let rows = x.len() / in_f.max(1);
         let mut xq = AlignedBuffer::zeroed(rows * padded_in);
         let mut s_x = vec![0f32; rows];
+        let kernels = Kernels::get();
         xq.as_mut_i8()
             .par_chunks_mut(padded_in * ROWS_PER_TASK)
             .zip(s_x.par_chunks_mut(ROWS_PER_TASK))
             .zip(x.par_chunks(in_f * ROWS_PER_TASK))
             .for_each(|((q, s), x)| {
-                let mut normed = vec![0f32; if norm.is_some() { in_f } else { 0 }];
                 for ((q, s), x) in q
                     .chunks_exact_mut(padded_in)
                     .zip(s)
                     .zip(x.chunks_exact(in_f))
                 {
                     *s = match norm {
-                        Some((w, eps)) => {
-                            rms_norm_row(x, w, eps, &mut normed);
-                            quantize_activations(&normed, q)
-                        }
+                        // The kernel set's fused RMSNorm and quantizer: the codes of
+                        // `rms_norm_row` then `quantize_activations`, bit for bit.
+                        Some((w, eps)) => (kernels.rms_norm_quantize)(x, w, eps, q),
                         None => quantize_activations(x, q),
                     };
                 }
@@ -408,6 +407,23 @@ mod tests {
                 assert!(diff(a, b) <= 1e-6 * scale, "{} of {scale}", diff(a, b));
             }
         }
+    }
+
+    /// A linear's normalised input, quantized by the kernel set's fused RMSNorm and
+    /// quantizer, against the trainer's RMSNorm written out and then quantized: the same
+    /// codes and scales, bit for bit (odd width, padded rows, a zero row, several tasks).
+    #[test]
+    fn normalized_rows_are_the_norm_then_the_quantizer() {
+        let (rows, n, padded) = (130, 70, 128);
+        let mut x = randn(rows * n, 5, 2.0);
+        x[3 * n..4 * n].fill(0.0);
+        let w: Vec<f32> = randn(n, 6, 0.5).iter().map(|v| 1.0 + v).collect();
+        let eps = 1e-5;
+        let fused = QuantizedRows::normalized(&x, &w, eps, padded);
+        let plain = QuantizedRows::new(&crate::fused::rms_norm_rows(&x, &w, eps), n, padded);
+        assert_eq!(fused.xq.as_i8(), plain.xq.as_i8());
+        let bits = |s: &[f32]| s.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fused.s_x), bits(&plain.s_x));
     }
 
     #[test]
