@@ -11,7 +11,7 @@
 #
 # Environment:
 #   THREADS=2            threads for each engine
-#   ROUNDS=3             rounds; each runs Rust then PyTorch, and the table gives every
+#   ROUNDS=5             rounds; each runs Rust then PyTorch, and the table gives every
 #                        round's ratio and their median
 #   DATA=FILE            training text for `bitnet train` (default: a generated
 #                        random-word corpus; the torch side uses random tokens)
@@ -34,7 +34,7 @@ cd "$repo"
 config=${1:-}
 steps=${2:-20}
 threads=${THREADS:-2}
-rounds=${ROUNDS:-3}
+rounds=${ROUNDS:-5}
 warmup=${WARMUP_STEPS:-3}
 venv=${VENV:-target/torch-venv}
 reqs=scripts/requirements-torch.txt
