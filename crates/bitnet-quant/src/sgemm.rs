@@ -478,6 +478,11 @@ fn block_product(
 mod tests {
     use super::*;
 
+    /// Whether two results are the same bits.
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
     /// Deterministic values in [-1, 1).
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -512,10 +517,7 @@ mod tests {
                     for k in Kernels::available() {
                         let mut got = c0.clone();
                         (k.sgemm_tile)(kc, &a, &rows, step, &b, &mut got, 40, accumulate);
-                        let same = got
-                            .iter()
-                            .zip(&want)
-                            .all(|(x, y)| x.to_bits() == y.to_bits());
+                        let same = same_bits(&got, &want);
                         assert!(
                             same,
                             "{} kc={kc} step={step} accumulate={accumulate}",
@@ -588,10 +590,7 @@ mod tests {
                 ] {
                     let mut got = vec![f32::NAN; m * n];
                     sgemm(set, a, b, &mut got).unwrap();
-                    let same = got
-                        .iter()
-                        .zip(&want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    let same = same_bits(&got, &want);
                     assert!(same, "{} {m}x{k}x{n}", set.name);
                 }
             }
@@ -623,10 +622,7 @@ mod tests {
             c
         };
         let one = run(1);
-        assert!(run(3)
-            .iter()
-            .zip(&one)
-            .all(|(x, y)| x.to_bits() == y.to_bits()));
+        assert!(same_bits(&run(3), &one));
     }
 
     /// `c += a b` continues each element's chain from the value in `c` (the definition, in
@@ -655,10 +651,7 @@ mod tests {
                 };
                 let mut got = c0.clone();
                 sgemm_with(set, av, bv, &mut got, how).unwrap();
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(x, y)| x.to_bits() == y.to_bits());
+                let same = same_bits(&got, &want);
                 assert!(same, "{} parallel={parallel}", set.name);
                 let mut plain = vec![f32::NAN; m * n];
                 let how = Product {
@@ -702,10 +695,7 @@ mod tests {
                 for a in [plain, MatRef::row_major(&a_t, k, m).unwrap().t()] {
                     let mut got = vec![f32::NAN; m * n];
                     sgemm(set, a, b, &mut got).unwrap();
-                    let same = got
-                        .iter()
-                        .zip(&want)
-                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    let same = same_bits(&got, &want);
                     assert!(same, "{} {m}x{k}x{n}", set.name);
                 }
             }
