@@ -27,7 +27,8 @@ fn round_half_even(x: &Tensor) -> Result<Tensor> {
 /// The per-tensor weight scale `s_w = 1 / max(mean |w|, QUANT_EPS)` as a 0-d f32 tensor.
 ///
 /// For f32 CPU weights the mean is a sum in f64 on the thread pool
-/// ([`crate::fused::sum_f64`]), rounded to f32 once; on other devices, candle's f32 mean.
+/// (fixed chunks, so the same bits for any thread count), rounded to f32 once; on other
+/// devices, candle's f32 mean.
 /// Every user of the scale (the fused and composed layers, export) calls this function, so
 /// they agree on its bits.
 pub fn weight_scale(w: &Tensor) -> Result<Tensor> {
