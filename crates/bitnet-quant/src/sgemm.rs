@@ -131,6 +131,11 @@ pub struct ScaledCodes<'a> {
 }
 
 impl<'a> ScaledCodes<'a> {
+    /// Columns (codes per row).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
     /// `scales.len()` rows of `cols` codes, row `i` at `codes[i * row_stride..]`, checked to
     /// lie inside `codes`.
     pub fn new(codes: &'a [i8], scales: &'a [f32], cols: usize, row_stride: usize) -> Result<Self> {

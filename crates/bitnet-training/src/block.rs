@@ -298,7 +298,7 @@ impl BlockOp {
         let codes = input
             .codes()
             .map_err(|e| candle_core::Error::Msg(format!("{BLOCK}: {e}")))?;
-        let mut dw = product_tn_codes(dy, (rows, width), codes, in_f, BLOCK)?;
+        let mut dw = product_tn_codes(dy, (rows, width), codes, BLOCK)?;
         // The last linears' parts split off the end; what is left is the first one's.
         for (n, &i) in ids.iter().enumerate().rev() {
             let out_f = self.linear_dims(i).0;

@@ -57,8 +57,13 @@ pub fn act_quant_ste(x: &Tensor) -> Result<Tensor> {
 /// operations are called from the one thread that runs candle's graph, and a serial zero-fill
 /// of each activation-sized output would leave the other cores waiting.
 pub(crate) fn zeroed<T: Copy + Default + Send + Sync>(n: usize) -> Vec<T> {
+    filled(n, T::default())
+}
+
+/// `n` copies of `value`, written by the thread pool (see [`zeroed`]).
+pub(crate) fn filled<T: Copy + Send + Sync>(n: usize, value: T) -> Vec<T> {
     let mut v = Vec::with_capacity(n);
-    v.par_extend(rayon::iter::repeat_n(T::default(), n));
+    v.par_extend(rayon::iter::repeat_n(value, n));
     v
 }
 
@@ -610,11 +615,10 @@ pub(crate) fn product_tn_codes(
     a: &[f32],
     (k, m): (usize, usize),
     b: ScaledCodes,
-    n: usize,
     what: &str,
 ) -> candle_core::Result<Vec<f32>> {
     let a = MatRef::row_major(a, k, m).map(MatRef::t);
-    product_of(a, Ok(b), m * n, what)
+    product_of(a, Ok(b), m * b.cols(), what)
 }
 
 /// The `len` values of `a b` for views that fit their data (errors name `what`).

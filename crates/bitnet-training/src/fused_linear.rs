@@ -164,10 +164,9 @@ impl TernaryLinear {
 
     /// The weights the forward pass multiplied, `codes / s_w`, `[out_f, in_f]` f32.
     pub(crate) fn effective(&self) -> Vec<f32> {
-        self.codes
-            .par_iter()
-            .map(|&c| c as f32 / self.s_w)
-            .collect()
+        let mut out = crate::scratch::take(self.codes.len());
+        self.effective_into(&mut out);
+        out
     }
 
     /// [`Self::effective`] into `out` (`out_f * in_f` values).

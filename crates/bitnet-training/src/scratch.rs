@@ -10,8 +10,6 @@
 
 use std::sync::Mutex;
 
-use rayon::prelude::*;
-
 /// Buffers kept at most (a step of the benchmark's 4-layer model gives back about 50).
 const KEEP: usize = 256;
 
@@ -51,10 +49,8 @@ impl Pool {
         } else {
             0.0
         };
-        let mut v = Vec::with_capacity(len);
         // Filled by the thread pool: callers run on the one thread that walks candle's graph.
-        v.par_extend(rayon::iter::repeat_n(fill, len));
-        v
+        crate::fused::filled(len, fill)
     }
 
     /// The kept buffer that fits `len` best: one of that length if there is one, else the
