@@ -1,6 +1,6 @@
 //! f32 matrix products `C = A B` (or `C += A B`) for the trainer's straight-through gradients,
 //! output head and attention, on the thread pool or the calling thread, with the kernel set's
-//! tile ([`crate::kernels::SgemmTileFn`]).
+//! tiles ([`crate::kernels::SgemmTilesFn`]).
 //!
 //! The layout follows the usual blocked scheme: `B` is packed into 16-column panels one block
 //! of `KC` rows at a time (a panel's block is 16 KB, so it stays in L1 while six-row tiles of
@@ -443,36 +443,39 @@ fn block_product(
                     std::array::from_fn(|i| i),
                 )
             };
-            for (p, panel) in packed_b.chunks_exact(kc * NR).enumerate() {
+            let at = r * MR * n;
+            // Whole panels of a whole row panel in one call, the rest through a full-size
+            // tile buffer, panel by panel.
+            let full = if h == MR { n / NR } else { 0 };
+            if full > 0 {
+                (kernels.sgemm_tiles)(
+                    kc,
+                    data,
+                    &offsets,
+                    step,
+                    &packed_b[..full * kc * NR],
+                    full,
+                    &mut c_blk[at..],
+                    n,
+                    accumulate,
+                );
+            }
+            for (p, panel) in packed_b.chunks_exact(kc * NR).enumerate().skip(full) {
                 let j0 = p * NR;
                 let width = NR.min(n - j0);
-                let at = r * MR * n + j0;
-                if h == MR && width == NR {
-                    (kernels.sgemm_tile)(
-                        kc,
-                        data,
-                        &offsets,
-                        step,
-                        panel,
-                        &mut c_blk[at..],
-                        n,
-                        accumulate,
-                    );
-                } else {
-                    // A partial tile goes through a full-size buffer.
-                    if accumulate {
-                        for i in 0..h {
-                            edge[i * NR..i * NR + width]
-                                .copy_from_slice(&c_blk[at + i * n..at + i * n + width]);
-                        }
-                    }
-                    (kernels.sgemm_tile)(
-                        kc, data, &offsets, step, panel, &mut edge, NR, accumulate,
-                    );
+                let at = at + j0;
+                if accumulate {
                     for i in 0..h {
-                        c_blk[at + i * n..at + i * n + width]
-                            .copy_from_slice(&edge[i * NR..i * NR + width]);
+                        edge[i * NR..i * NR + width]
+                            .copy_from_slice(&c_blk[at + i * n..at + i * n + width]);
                     }
+                }
+                (kernels.sgemm_tiles)(
+                    kc, data, &offsets, step, panel, 1, &mut edge, NR, accumulate,
+                );
+                for i in 0..h {
+                    c_blk[at + i * n..at + i * n + width]
+                        .copy_from_slice(&edge[i * NR..i * NR + width]);
                 }
             }
         }
@@ -506,28 +509,38 @@ mod tests {
         let a = values(3000, 1);
         for kc in [1usize, 2, 7, 64, 300] {
             for (rows, step) in [([0, 1, 2, 3, 4, 5], MR), ([5, 400, 3, 3, 900, 17], 1)] {
-                let b = values(kc * NR, kc as u64);
-                for accumulate in [false, true] {
-                    let c0 = values(5 * 40 + NR, 9);
-                    let mut want = c0.clone();
-                    crate::kernels::scalar::sgemm_tile(
-                        kc, &a, &rows, step, &b, &mut want, 40, accumulate,
-                    );
-                    // The reference is the definition: one fused chain per element.
-                    let mut sum = if accumulate { c0[40 + 3] } else { 0.0 };
-                    for kk in 0..kc {
-                        sum = a[rows[1] + kk * step].mul_add(b[kk * NR + 3], sum);
-                    }
-                    assert_eq!(want[40 + 3].to_bits(), sum.to_bits());
-                    for k in Kernels::available() {
-                        let mut got = c0.clone();
-                        (k.sgemm_tile)(kc, &a, &rows, step, &b, &mut got, 40, accumulate);
-                        let same = same_bits(&got, &want);
-                        assert!(
-                            same,
-                            "{} kc={kc} step={step} accumulate={accumulate}",
-                            k.name
+                for panels in [1usize, 3] {
+                    let b = values(panels * kc * NR, kc as u64);
+                    // Rows wider than the tiles: the columns past them stay as they were.
+                    let ldc = panels * NR + 5;
+                    for accumulate in [false, true] {
+                        let c0 = values(5 * ldc + panels * NR, 9);
+                        let mut want = c0.clone();
+                        crate::kernels::scalar::sgemm_tiles(
+                            kc, &a, &rows, step, &b, panels, &mut want, ldc, accumulate,
                         );
+                        // The reference is the definition: one fused chain per element
+                        // (row 1, column 3 of the last tile).
+                        let (q, at) = (panels - 1, ldc + (panels - 1) * NR + 3);
+                        let mut sum = if accumulate { c0[at] } else { 0.0 };
+                        for kk in 0..kc {
+                            let bv = b[(q * kc + kk) * NR + 3];
+                            sum = a[rows[1] + kk * step].mul_add(bv, sum);
+                        }
+                        assert_eq!(want[at].to_bits(), sum.to_bits());
+                        assert_eq!(want[ldc - 1].to_bits(), c0[ldc - 1].to_bits());
+                        for k in Kernels::available() {
+                            let mut got = c0.clone();
+                            (k.sgemm_tiles)(
+                                kc, &a, &rows, step, &b, panels, &mut got, ldc, accumulate,
+                            );
+                            let same = same_bits(&got, &want);
+                            assert!(
+                                same,
+                                "{} kc={kc} step={step} panels={panels} accumulate={accumulate}",
+                                k.name
+                            );
+                        }
                     }
                 }
             }
@@ -537,13 +550,24 @@ mod tests {
     #[test]
     fn tiles_check_their_bounds() {
         for set in Kernels::available() {
-            let out_of_bounds = std::panic::catch_unwind(|| {
-                let (a, b) = (vec![0f32; 10], vec![0f32; 2 * NR]);
-                let mut c = vec![0f32; MR * NR];
-                // Row 9 with step 1 needs a[10].
-                (set.sgemm_tile)(2, &a, &[0, 1, 2, 3, 4, 9], 1, &b, &mut c, NR, false);
-            });
-            assert!(out_of_bounds.is_err(), "{}", set.name);
+            let (a, b) = (vec![0f32; 10], vec![0f32; 4 * NR]);
+            let run = |rows: [usize; MR], panels: usize, c_len: usize, ldc: usize| {
+                std::panic::catch_unwind(|| {
+                    let mut c = vec![0f32; c_len];
+                    (set.sgemm_tiles)(2, &a, &rows, 1, &b, panels, &mut c, ldc, false);
+                })
+                .is_err()
+            };
+            let fits = [0, 1, 2, 3, 4, 5];
+            assert!(!run(fits, 2, 5 * 2 * NR + 2 * NR, 2 * NR), "{}", set.name);
+            // Row 9 with step 1 needs a[10].
+            assert!(run([0, 1, 2, 3, 4, 9], 1, MR * NR, NR), "{}", set.name);
+            // Three panels need 3 * 2 * 16 values of `b`.
+            assert!(run(fits, 3, 5 * 3 * NR + 3 * NR, 3 * NR), "{}", set.name);
+            // Two tiles in rows one tile wide would overlap.
+            assert!(run(fits, 2, 5 * NR + 2 * NR, NR), "{}", set.name);
+            // The last row's second tile runs past `c`.
+            assert!(run(fits, 2, 5 * 2 * NR + NR, 2 * NR), "{}", set.name);
         }
     }
 

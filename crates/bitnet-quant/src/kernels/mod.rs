@@ -141,48 +141,66 @@ pub type ExpSumFn = fn(x: &[f32], shift: f32) -> f32;
 /// `out` is shorter than `x`.
 pub type ExpScaledFn = fn(x: &[f32], shift: f32, scale: f32, out: &mut [f32]);
 
-/// Rows of an f32 matrix-product tile ([`SgemmTileFn`]).
+/// Rows of an f32 matrix-product tile ([`SgemmTilesFn`]).
 pub const SGEMM_MR: usize = 6;
 
-/// Columns of an f32 matrix-product tile ([`SgemmTileFn`]).
+/// Columns of an f32 matrix-product tile ([`SgemmTilesFn`]).
 pub const SGEMM_NR: usize = 16;
 
-/// One tile of an f32 matrix product (the inner kernel of [`crate::sgemm`]):
-/// `c[i * ldc + j] = sum_k a[rows[i] + k * a_step] * b[k * SGEMM_NR + j]` for `i < SGEMM_MR`,
-/// `j < SGEMM_NR`, `k < kc`. Each element is one chain of fused multiply-adds (`a * b + sum`,
-/// rounded once) in order of `k`, starting from its value in `c` when `accumulate`, from +0
-/// otherwise, so every implementation gives the same bits. `b` is a packed panel: row `k`'s 16
-/// values at `k * SGEMM_NR`. Panics if any index falls outside `a`, `b` or `c`.
-pub type SgemmTileFn = fn(
+/// A row of tiles of an f32 matrix product (the inner kernel of [`crate::sgemm`]): `panels`
+/// tiles side by side, tile `q` being
+/// `c[i * ldc + 16 q + j] = sum_k a[rows[i] + k * a_step] * b[(q * kc + k) * SGEMM_NR + j]`
+/// for `i < SGEMM_MR`, `j < SGEMM_NR`, `k < kc`. Each element is one chain of fused
+/// multiply-adds (`a * b + sum`, rounded once) in order of `k`, starting from its value in `c`
+/// when `accumulate`, from +0 otherwise, so every implementation gives the same bits. `b` holds
+/// `panels` packed panels one after the other, each with row `k`'s 16 values at
+/// `k * SGEMM_NR`. One call per row of tiles, not per tile, so the checks and the dispatch are
+/// paid once for the row (a tile of a short sum is a few hundred cycles). Panics if `panels`
+/// or `kc` is 0, if `ldc < 16 * panels`, or if any index falls outside `a`, `b` or `c`.
+pub type SgemmTilesFn = fn(
     kc: usize,
     a: &[f32],
     rows: &[usize; SGEMM_MR],
     a_step: usize,
     b: &[f32],
+    panels: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
 );
 
-/// Checks the bounds every [`SgemmTileFn`] relies on (see its contract). Panics otherwise.
+/// Checks the bounds every [`SgemmTilesFn`] relies on (see its contract). Panics otherwise.
 #[allow(dead_code)] // used only by the SIMD modules compiled for this target
-pub(crate) fn check_sgemm_tile(
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_sgemm_tiles(
     kc: usize,
     a_len: usize,
     rows: &[usize; SGEMM_MR],
     a_step: usize,
     b_len: usize,
+    panels: usize,
     c_len: usize,
     ldc: usize,
 ) {
-    assert!(kc > 0, "an empty tile has nothing to load");
     assert!(
-        b_len >= kc * SGEMM_NR,
-        "a panel of {b_len} values for {kc} rows"
+        kc > 0 && panels > 0,
+        "an empty row of tiles has nothing to load"
     );
+    let width = panels.checked_mul(SGEMM_NR);
     assert!(
-        ldc >= SGEMM_NR && c_len >= (SGEMM_MR - 1) * ldc + SGEMM_NR,
-        "a tile of {c_len} values with rows {ldc} apart"
+        width
+            .and_then(|w| w.checked_mul(kc))
+            .is_some_and(|len| b_len >= len),
+        "{b_len} values for {panels} panels of {kc} rows"
+    );
+    let width = width.unwrap_or(usize::MAX);
+    assert!(
+        ldc >= width
+            && (SGEMM_MR - 1)
+                .checked_mul(ldc)
+                .and_then(|v| v.checked_add(width))
+                .is_some_and(|end| c_len >= end),
+        "{panels} tiles in {c_len} values with rows {ldc} apart"
     );
     for &r in rows {
         let last = (kc - 1).checked_mul(a_step).and_then(|v| v.checked_add(r));
@@ -336,8 +354,8 @@ pub struct Kernels {
     pub dot_q8_0: DotQ8_0Fn,
     /// Dot product of a Q6_K row with Q8_0 activations (a Q6_K output head).
     pub dot_q6_k: DotQ6KFn,
-    /// One tile of an f32 matrix product ([`crate::sgemm`]).
-    pub sgemm_tile: SgemmTileFn,
+    /// A row of tiles of an f32 matrix product ([`crate::sgemm`]).
+    pub sgemm_tiles: SgemmTilesFn,
     /// RMSNorm and int8 quantization of one token's row (each BitLinear's input).
     pub rms_norm_quantize: RmsNormQuantizeFn,
 }
@@ -366,7 +384,7 @@ impl Kernels {
         exp_scaled: scalar::exp_scaled,
         dot_q8_0: scalar::dot_q8_0,
         dot_q6_k: scalar::dot_q6_k,
-        sgemm_tile: scalar::sgemm_tile,
+        sgemm_tiles: scalar::sgemm_tiles,
         rms_norm_quantize: scalar::rms_norm_quantize,
     };
 
@@ -389,7 +407,7 @@ impl Kernels {
         exp_scaled: x86::attention::exp_scaled,
         dot_q8_0: x86::avx2::dot_q8_0,
         dot_q6_k: x86::avx2::dot_q6_k,
-        sgemm_tile: x86::sgemm::tile,
+        sgemm_tiles: x86::sgemm::tiles,
         rms_norm_quantize: x86::norm::rms_norm_quantize,
     };
 
@@ -441,7 +459,7 @@ impl Kernels {
         exp_scaled: aarch64::attention::exp_scaled,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
-        sgemm_tile: aarch64::sgemm::tile,
+        sgemm_tiles: aarch64::sgemm::tiles,
         rms_norm_quantize: aarch64::norm::rms_norm_quantize,
     };
 
@@ -464,7 +482,7 @@ impl Kernels {
         exp_scaled: aarch64::attention::exp_scaled,
         dot_q8_0: aarch64::neon::dot_q8_0,
         dot_q6_k: aarch64::neon::dot_q6_k,
-        sgemm_tile: aarch64::sgemm::tile,
+        sgemm_tiles: aarch64::sgemm::tiles,
         rms_norm_quantize: aarch64::norm::rms_norm_quantize,
     };
 

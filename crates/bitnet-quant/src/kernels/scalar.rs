@@ -296,26 +296,35 @@ pub fn dot_q6_k(row: &[u8], xq: &[i8], xd: &[f32]) -> f32 {
     combine_q8_sums(&acc)
 }
 
-/// Reference f32 matrix-product tile; see [`super::SgemmTileFn`].
+/// Reference f32 matrix-product row of tiles; see [`super::SgemmTilesFn`].
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm_tile(
+pub fn sgemm_tiles(
     kc: usize,
     a: &[f32],
     rows: &[usize; super::SGEMM_MR],
     a_step: usize,
     b: &[f32],
+    panels: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
 ) {
     use super::SGEMM_NR;
-    for (i, &r) in rows.iter().enumerate() {
-        for j in 0..SGEMM_NR {
-            let mut sum = if accumulate { c[i * ldc + j] } else { 0.0 };
-            for k in 0..kc {
-                sum = a[r + k * a_step].mul_add(b[k * SGEMM_NR + j], sum);
+    assert!(
+        ldc >= panels * SGEMM_NR,
+        "{panels} tiles in rows {ldc} apart"
+    );
+    for q in 0..panels {
+        let panel = &b[q * kc * SGEMM_NR..][..kc * SGEMM_NR];
+        for (i, &r) in rows.iter().enumerate() {
+            for j in 0..SGEMM_NR {
+                let at = i * ldc + q * SGEMM_NR + j;
+                let mut sum = if accumulate { c[at] } else { 0.0 };
+                for k in 0..kc {
+                    sum = a[r + k * a_step].mul_add(panel[k * SGEMM_NR + j], sum);
+                }
+                c[at] = sum;
             }
-            c[i * ldc + j] = sum;
         }
     }
 }

@@ -1,39 +1,45 @@
-//! The f32 matrix-product tile with AVX2 and FMA, shared by every x86 set: six rows of `a`
+//! The f32 matrix-product tiles with AVX2 and FMA, shared by every x86 set: six rows of `a`
 //! against a packed 16-column panel, the 6 x 16 sums in twelve registers for the whole run of
 //! `k` (two vector loads of the panel and six broadcasts of `a` feed twelve fused
-//! multiply-adds per step), in the scalar kernel's order, so the bits agree.
+//! multiply-adds per step), in the scalar kernel's order, so the bits agree. A call runs a
+//! whole row of tiles, one panel after the other.
 
 use std::arch::x86_64::*;
 
-use crate::kernels::{check_sgemm_tile, scalar, SGEMM_MR, SGEMM_NR};
+use crate::kernels::{check_sgemm_tiles, scalar, SGEMM_MR, SGEMM_NR};
 
-/// AVX2/FMA tile; see [`crate::kernels::SgemmTileFn`]. Exactly equal to
-/// [`scalar::sgemm_tile`]; on a CPU without AVX2 and FMA it calls it.
+/// AVX2/FMA row of tiles; see [`crate::kernels::SgemmTilesFn`]. Exactly equal to
+/// [`scalar::sgemm_tiles`]; on a CPU without AVX2 and FMA it calls it.
 #[allow(clippy::too_many_arguments)]
-pub fn tile(
+pub fn tiles(
     kc: usize,
     a: &[f32],
     rows: &[usize; SGEMM_MR],
     a_step: usize,
     b: &[f32],
+    panels: usize,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
 ) {
-    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) || kc == 0 {
-        return scalar::sgemm_tile(kc, a, rows, a_step, b, c, ldc, accumulate);
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+        || kc == 0
+        || panels == 0
+    {
+        return scalar::sgemm_tiles(kc, a, rows, a_step, b, panels, c, ldc, accumulate);
     }
-    check_sgemm_tile(kc, a.len(), rows, a_step, b.len(), c.len(), ldc);
-    // SAFETY: AVX2 and FMA were detected just above, and `check_sgemm_tile` asserted that
-    // every `a[rows[i] + k * a_step]` (k < kc), `b[..kc * 16]` and the tile's six rows of 16 in
-    // `c` lie inside the slices.
+    check_sgemm_tiles(kc, a.len(), rows, a_step, b.len(), panels, c.len(), ldc);
+    let p = rows.map(|r| a[r..].as_ptr());
+    // SAFETY: AVX2 and FMA were detected just above, and `check_sgemm_tiles` asserted that
+    // every `a[rows[i] + k * a_step]` (k < kc), the `panels` panels of `kc * 16` values in `b`
+    // and the six rows of `16 * panels` values in `c` lie inside the slices.
     unsafe {
-        tile_fma(
+        tiles_fma(
             kc,
-            a.as_ptr(),
-            rows,
+            p,
             a_step,
             b.as_ptr(),
+            panels,
             c.as_mut_ptr(),
             ldc,
             accumulate,
@@ -41,18 +47,52 @@ pub fn tile(
     }
 }
 
+/// The row of tiles on raw pointers, one panel after the other.
+///
+/// # Safety
+///
+/// AVX2 and FMA must be available; `kc > 0`; `p[i].add(k * a_step)` for `k < kc`,
+/// `b[..panels * kc * 16]` and `c`'s six rows of `16 * panels` values `ldc` apart must be in
+/// bounds.
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tiles_fma(
+    kc: usize,
+    p: [*const f32; SGEMM_MR],
+    a_step: usize,
+    b: *const f32,
+    panels: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    for q in 0..panels {
+        // SAFETY: tile `q`'s panel and columns are inside the caller's bounds.
+        unsafe {
+            tile_fma(
+                kc,
+                p,
+                a_step,
+                b.add(q * kc * SGEMM_NR),
+                c.add(q * SGEMM_NR),
+                ldc,
+                accumulate,
+            )
+        }
+    }
+}
+
 /// The tile on raw pointers.
 ///
 /// # Safety
 ///
-/// AVX2 and FMA must be available; the reads and writes described by
-/// [`crate::kernels::SgemmTileFn`] must be in bounds (`kc > 0`).
+/// AVX2 and FMA must be available; `kc > 0`; `p[i].add(k * a_step)` for `k < kc`,
+/// `b[..kc * 16]` and `c`'s six rows of 16 values `ldc` apart must be in bounds.
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
+#[inline]
 unsafe fn tile_fma(
     kc: usize,
-    a: *const f32,
-    rows: &[usize; SGEMM_MR],
+    p: [*const f32; SGEMM_MR],
     a_step: usize,
     b: *const f32,
     c: *mut f32,
@@ -60,7 +100,7 @@ unsafe fn tile_fma(
     accumulate: bool,
 ) {
     // SAFETY (every access below): in bounds by the caller's contract; the running offsets
-    // stay below `(kc - 1) * a_step + rows[i]` and `kc * 16`.
+    // stay below `(kc - 1) * a_step` and `kc * 16`.
     unsafe {
         let load = |i: usize, half: usize| {
             if accumulate {
@@ -72,15 +112,7 @@ unsafe fn tile_fma(
         let (mut c00, mut c01, mut c10, mut c11) = (load(0, 0), load(0, 1), load(1, 0), load(1, 1));
         let (mut c20, mut c21, mut c30, mut c31) = (load(2, 0), load(2, 1), load(3, 0), load(3, 1));
         let (mut c40, mut c41, mut c50, mut c51) = (load(4, 0), load(4, 1), load(5, 0), load(5, 1));
-        let p = [
-            a.add(rows[0]),
-            a.add(rows[1]),
-            a.add(rows[2]),
-            a.add(rows[3]),
-            a.add(rows[4]),
-            a.add(rows[5]),
-        ];
-        // The next tile along the row (the caller's next panel) reads and writes the 16
+        // The next tile along the row (the next panel) reads and writes the 16
         // values after these in each row: start fetching them now, so that its first loads
         // of `c` do not wait on memory. A hint only: `wrapping_add` keeps the address
         // computation defined even past the end of `c`, and a prefetch never faults.
