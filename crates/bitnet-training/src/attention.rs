@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::fused::{f32_slice, sum8, with_cpu_f32, zeroed};
+use crate::fused::{f32_slice, sum8, with_cpu_f32};
 use crate::scratch;
 use crate::Result;
 use bitnet_quant::kernels::Kernels;
@@ -85,14 +85,14 @@ fn rotate(x: &[f32], (c, s): (&[f32], &[f32]), out: &mut [f32]) {
     }
 }
 
-/// The gradient of [`rotate`] (its transpose), added to `out`.
-fn rotate_back_add(g: &[f32], (c, s): (&[f32], &[f32]), out: &mut [f32]) {
+/// The gradient of [`rotate`] (its transpose), written to `out`.
+fn rotate_back(g: &[f32], (c, s): (&[f32], &[f32]), out: &mut [f32]) {
     let half = c.len();
     let (o1, o2) = out.split_at_mut(half);
     for i in 0..half {
         let (a, b) = (g[i], g[half + i]);
-        o1[i] += a * c[i] + b * s[i];
-        o2[i] += b * c[i] - a * s[i];
+        o1[i] = a * c[i] + b * s[i];
+        o2[i] = b * c[i] - a * s[i];
     }
 }
 
@@ -127,7 +127,8 @@ fn head_major(
     rope: Option<&RopeAngles>,
 ) -> Vec<f32> {
     let t = x.len() / (heads * hd).max(1);
-    let mut out = vec![0f32; x.len()];
+    // Every row is written.
+    let mut out = scratch::take(x.len());
     for (i, src) in x.chunks_exact(heads * hd).enumerate() {
         for (h, s) in src.chunks_exact(hd).enumerate() {
             let d = &mut out[head_major_row(h, i, t, group) * hd..][..hd];
@@ -140,22 +141,23 @@ fn head_major(
     out
 }
 
-/// The transpose of [`head_major`] applied to `g`, added to `out` (`[t, heads * hd]`).
-fn add_from_head_major(
+/// The transpose of [`head_major`] applied to `g`, written to the first `heads * hd` values
+/// of each of the `t` rows of `out`, `stride` apart (rows of a wider matrix).
+fn write_from_head_major(
     g: &[f32],
     heads: usize,
     group: usize,
     hd: usize,
     rope: Option<&RopeAngles>,
-    out: &mut [f32],
+    (out, stride): (&mut [f32], usize),
 ) {
     let t = g.len() / (heads * hd).max(1);
-    for (i, dst) in out.chunks_exact_mut(heads * hd).enumerate() {
-        for (h, d) in dst.chunks_exact_mut(hd).enumerate() {
+    for (i, dst) in out.chunks_mut(stride).take(t).enumerate() {
+        for (h, d) in dst[..heads * hd].chunks_exact_mut(hd).enumerate() {
             let s = &g[head_major_row(h, i, t, group) * hd..][..hd];
             match rope {
-                Some(rope) => rotate_back_add(s, rope.at(i), d),
-                None => d.iter_mut().zip(s).for_each(|(d, &v)| *d += v),
+                Some(rope) => rotate_back(s, rope.at(i), d),
+                None => d.copy_from_slice(s),
             }
         }
     }
@@ -277,9 +279,10 @@ impl CausalAttention {
         (y, probs)
     }
 
-    /// The gradients `(dq, dk, dv)` for `b` batch rows of `t` positions, from the arguments,
-    /// the outputs `y` and probabilities `probs` of [`Self::forward_rows`] and the outputs'
-    /// gradient `dy`.
+    /// The gradients of `q`, `k` and `v` for `b` batch rows of `t` positions, side by side in
+    /// each row of the result (`[b * t, q_width + 2 kv_width]`: the layout in which the
+    /// projections' backward pass takes them), from the arguments, the outputs `y` and
+    /// probabilities `probs` of [`Self::forward_rows`] and the outputs' gradient `dy`.
     pub(crate) fn backward_rows(
         &self,
         (q, k, v): RowArgs,
@@ -287,26 +290,24 @@ impl CausalAttention {
         probs: &[f32],
         b: usize,
         t: usize,
-    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (qn, kn) = (t * self.dims.q_width(), t * self.dims.kv_width());
+    ) -> Vec<f32> {
+        let d = &self.dims;
+        let (qn, kn) = (t * d.q_width(), t * d.kv_width());
+        let width = d.q_width() + 2 * d.kv_width();
         let pn = self.probs_len(t);
         let kernels = Kernels::get();
-        let mut dq = zeroed(b * qn);
-        let mut dk = zeroed(b * kn);
-        let mut dv = zeroed(b * kn);
-        dq.par_chunks_mut(qn.max(1))
-            .zip(
-                dk.par_chunks_mut(kn.max(1))
-                    .zip(dv.par_chunks_mut(kn.max(1))),
-            )
+        // Every value of every row is written.
+        let mut grads = scratch::take(b * t * width);
+        grads
+            .par_chunks_mut((t * width).max(1))
             .enumerate()
-            .for_each(|(r, (dq, (dk, dv)))| {
+            .for_each(|(r, g)| {
                 let rows = (&q[r * qn..][..qn], &k[r * kn..][..kn], &v[r * kn..][..kn]);
                 let out = (&y[r * qn..][..qn], &dy[r * qn..][..qn]);
                 let p = &probs[r * pn..][..pn];
-                self.backward_row(kernels, rows, out, p, (dq, dk, dv));
+                self.backward_row(kernels, rows, out, p, g);
             });
-        (dq, dk, dv)
+        grads
     }
 
     /// Checks the argument shapes and returns `(batch, t)`.
@@ -406,10 +407,14 @@ impl CausalAttention {
                 }
             }
         }
+        for buf in [qr, kr, vh] {
+            scratch::give_back(buf);
+        }
     }
 
-    /// The gradients of one batch row, added to `dq`, `dk`, `dv` (the arguments' shapes,
-    /// zeroed), from the arguments, the output `y` and its gradient `dy`.
+    /// The gradients of one batch row, written side by side in the rows of `grads` (`[t,
+    /// q_width + 2 kv_width]`: `dq`, `dk`, `dv`), from the arguments, the output `y` and its
+    /// gradient `dy`.
     ///
     /// Per block of positions `i0..i1` of the query heads of KV head `g` (keys `0..i1`), with
     /// the block's `P` from the forward pass (`probs`, as [`Self::forward_row`] kept them), as
@@ -422,7 +427,7 @@ impl CausalAttention {
         (q, kk, v): RowArgs,
         (y, dy): (&[f32], &[f32]),
         probs: &[f32],
-        (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
+        grads: &mut [f32],
     ) {
         let d = &self.dims;
         let (hd, qw, heads, group) = (d.head_dim, d.q_width(), d.heads, d.group());
@@ -436,12 +441,13 @@ impl CausalAttention {
             head_major(v, d.kv_heads, 1, hd, None),
             head_major(dy, heads, group, hd, None),
         );
-        let (mut dqr, mut dkr, mut dvh) = (
-            vec![0f32; q.len()],
-            vec![0f32; kk.len()],
-            vec![0f32; kk.len()],
-        );
-        let mut ds = vec![0f32; QUERY_BLOCK.min(t) * group * t];
+        // `dqr` is written block by block; `dkr` and `dvh` sum over the blocks.
+        let mut dqr = scratch::take(q.len());
+        let (mut dkr, mut dvh) = (scratch::take(kk.len()), scratch::take(kk.len()));
+        dkr.fill(0.0);
+        dvh.fill(0.0);
+        // Each block's scores are written before they are read.
+        let mut ds = scratch::take(QUERY_BLOCK.min(t) * group * t);
         let mut kept = probs;
         for g in 0..d.kv_heads {
             for i0 in (0..t).step_by(QUERY_BLOCK) {
@@ -475,9 +481,15 @@ impl CausalAttention {
                 product(k, p_t, mat(dyb, nb, hd), &mut dvh[keys], true);
             }
         }
-        add_from_head_major(&dqr, heads, group, hd, rope, dq);
-        add_from_head_major(&dkr, d.kv_heads, 1, hd, rope, dk);
-        add_from_head_major(&dvh, d.kv_heads, 1, hd, None, dv);
+        let (kw, stride) = (d.kv_width(), qw + 2 * d.kv_width());
+        write_from_head_major(&dqr, heads, group, hd, rope, (grads, stride));
+        let dk = &mut grads[qw..];
+        write_from_head_major(&dkr, d.kv_heads, 1, hd, rope, (dk, stride));
+        let dv = &mut grads[qw + kw..];
+        write_from_head_major(&dvh, d.kv_heads, 1, hd, None, (dv, stride));
+        for buf in [qr, kr, vh, dyh, dqr, dkr, dvh, ds] {
+            scratch::give_back(buf);
+        }
     }
 }
 
@@ -520,9 +532,19 @@ impl CustomOp3 for CausalAttention {
             candle_core::bail!("{ATT}: backward pass without a CPU forward pass");
         };
         let dy = dy.contiguous()?;
-        let (dq, dk, dv) = with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
+        let grads = with_cpu_f32([q, k, v, y, &dy], ATT, |[q_, k_, v_, y_, dy_]| {
             Ok(self.backward_rows((q_, k_, v_), (y_, dy_), probs, b, t))
         })?;
+        let (qw, kw) = (self.dims.q_width(), self.dims.kv_width());
+        let part = |from: usize, w: usize| -> Vec<f32> {
+            grads
+                .chunks_exact(qw + 2 * kw)
+                .flat_map(|row| &row[from..from + w])
+                .copied()
+                .collect()
+        };
+        let (dq, dk, dv) = (part(0, qw), part(qw, kw), part(qw + kw, kw));
+        scratch::give_back(grads);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),

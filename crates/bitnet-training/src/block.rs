@@ -27,7 +27,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use crate::attention::{CausalAttention, RopeAngles};
 use crate::fused::{
     add_into, f32_slice, product, product_tn_codes, relu2_gate_grads, relu2_gate_values,
-    rms_norm_grads, side_by_side, with_cpu_f32,
+    rms_norm_grads, with_cpu_f32,
 };
 use crate::fused_linear::{QuantizedRows, TernaryLinear};
 use crate::model::Block;
@@ -339,7 +339,7 @@ impl BlockOp {
         let Some(s) = self.saved.get() else {
             candle_core::bail!("{BLOCK}: backward pass without a CPU forward pass");
         };
-        let (h, f, qw, kw) = (self.hidden, self.ffn, self.q_width, self.kv_width);
+        let (h, f, qw) = (self.hidden, self.ffn, self.q_width);
         let dev = x.device();
         let (batch, t) = (x.dims()[0], x.dims()[1]);
         let rows = batch * t;
@@ -366,7 +366,7 @@ impl BlockOp {
                 let dan = self.linear_grads(s, &[O], &dx1, &s.aq, dev)?;
                 let da = self.norm_grads(ATTN_SUB_NORM, &s.a, &dan, qw, asn)?;
                 scratch::give_back(dan);
-                let (dq, dk, dv) = self.attention.backward_rows(
+                let dqkv = self.attention.backward_rows(
                     (&s.q, &s.k, &s.v),
                     (&s.a, &da),
                     &s.probs,
@@ -374,10 +374,6 @@ impl BlockOp {
                     t,
                 );
                 scratch::give_back(da);
-                let dqkv = side_by_side(&[(&dq, qw), (&dk, kw), (&dv, kw)], rows);
-                for part in [dq, dk, dv] {
-                    scratch::give_back(part);
-                }
                 let dh = self.linear_grads(s, &[Q, K, V], &dqkv, &s.hq, dev)?;
                 scratch::give_back(dqkv);
                 let mut dx = self.norm_grads(ATTN_NORM, x, &dh, h, an)?;

@@ -852,7 +852,8 @@ pub(crate) fn relu2_gate_grads(g: &[f32], u: &[f32], d: &[f32], f: usize, out: &
 }
 
 /// The rows of `parts` (each `[rows, width]`, the widths given) side by side, `[rows, sum of
-/// the widths]`.
+/// the widths]` (the tests' reference for outputs written side by side).
+#[cfg(test)]
 pub(crate) fn side_by_side(parts: &[(&[f32], usize)], rows: usize) -> Vec<f32> {
     let width: usize = parts.iter().map(|p| p.1).sum();
     let mut out = scratch::take(rows * width);
