@@ -24,9 +24,9 @@ struct Pool(Mutex<Vec<Vec<f32>>>);
 static POOL: Pool = Pool(Mutex::new(Vec::new()));
 
 /// A buffer of `len` values for an output its caller writes in full before reading any.
-/// The values are stale (a kept buffer of that size, or a slightly longer one cut to
-/// `len`) or, for a new buffer, NaN in debug builds (so that a value left unwritten shows
-/// in the tests) and zero otherwise.
+/// The values are stale (a kept buffer whose capacity is `len` or a little more, cut to `len`
+/// or grown back to it) or, for a new buffer and for values added in growing one, NaN in
+/// debug builds (so that a value left unwritten shows in the tests) and zero otherwise.
 pub(crate) fn take(len: usize) -> Vec<f32> {
     POOL.take(len)
 }
@@ -38,36 +38,39 @@ pub(crate) fn give_back(v: Vec<f32>) {
 
 impl Pool {
     fn take(&self, len: usize) -> Vec<f32> {
-        if len >= MIN_LEN {
-            if let Some(mut v) = self.reuse(len) {
-                v.truncate(len);
-                return v;
-            }
-        }
         let fill = if cfg!(debug_assertions) {
             f32::NAN
         } else {
             0.0
         };
+        if len >= MIN_LEN {
+            if let Some(mut v) = self.reuse(len) {
+                // A buffer cut short by an earlier, shorter use grows back within its
+                // capacity: memory already touched, so only the fill of the added values.
+                v.resize(len, fill);
+                return v;
+            }
+        }
         // Filled by the thread pool: callers run on the one thread that walks candle's graph.
         crate::fused::filled(len, fill)
     }
 
-    /// The kept buffer that fits `len` best: one of that length if there is one, else the
-    /// shortest longer one up to twice `len`.
+    /// The kept buffer that fits `len` best, by capacity (a buffer keeps its capacity when a
+    /// use cuts it shorter): one of that capacity if there is one, else the smallest larger
+    /// one up to twice `len`.
     fn reuse(&self, len: usize) -> Option<Vec<f32>> {
         let mut free = self.0.lock().ok()?;
         let best = free
             .iter()
             .enumerate()
-            .filter(|(_, v)| v.len() >= len && v.len() <= 2 * len)
-            .min_by_key(|(_, v)| v.len())
+            .filter(|(_, v)| v.capacity() >= len && v.capacity() <= 2 * len)
+            .min_by_key(|(_, v)| v.capacity())
             .map(|(i, _)| i)?;
         Some(free.swap_remove(best))
     }
 
     fn give_back(&self, v: Vec<f32>) {
-        if v.len() < MIN_LEN {
+        if v.capacity() < MIN_LEN {
             return;
         }
         if let Ok(mut free) = self.0.lock() {
@@ -101,13 +104,22 @@ mod tests {
         let w = pool.take(n - 50);
         assert_eq!((w.len(), w.as_ptr()), (n - 50, at));
         assert!(w.iter().all(|&x| x == 7.0));
-        // Longer than any kept buffer: a new one.
+        // Back at its full length: the same buffer again (its capacity was kept), the
+        // values cut off refilled, the rest as they were.
         pool.give_back(w);
-        let longer = pool.take(n);
+        let full = pool.take(n);
+        assert_eq!((full.len(), full.as_ptr()), (n, at));
+        assert!(full[..n - 50].iter().all(|&x| x == 7.0));
+        if cfg!(debug_assertions) {
+            assert!(full[n - 50..].iter().all(|x| x.is_nan()));
+        }
+        // Longer than any kept buffer: a new one.
+        pool.give_back(full);
+        let longer = pool.take(n + 1);
         assert_ne!(longer.as_ptr(), at);
         // Short buffers are not kept.
         pool.give_back(Vec::new());
-        assert!(pool.0.lock().unwrap().iter().all(|v| v.len() >= MIN_LEN));
+        assert!(pool.0.lock().unwrap().iter().all(|v| v.capacity() >= MIN_LEN));
         drop(small);
     }
 }
