@@ -382,27 +382,40 @@ fn pack_f32_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
     }
 }
 
-/// Rows `i0..i0 + h` of `a`'s columns from `k0` as a six-row panel filling `dst` (column `k`
-/// at `6 k`), the missing rows repeating the last one.
-fn pack_a(a: &MatRef, i0: usize, h: usize, k0: usize, dst: &mut [f32]) {
-    for (kk, col) in dst.chunks_exact_mut(MR).enumerate() {
-        if a.row_stride == 1 {
-            // A transposed row-major matrix: the panel's column is a contiguous run.
-            let src = &a.data[(k0 + kk) * a.col_stride + i0..][..h];
-            // A whole column as a copy of known size (two moves): a slice copy of six
-            // values is a call to `memmove`, which cost the weight gradients a tenth.
-            if let (Ok(full), Ok(dst)) = (
-                <&[f32; MR]>::try_from(src),
-                <&mut [f32; MR]>::try_from(&mut *col),
-            ) {
-                *dst = *full;
-                continue;
+/// Rows `i0..i0 + rows` of `a`'s columns from `k0` as six-row panels filling `dst` (panel `r`
+/// at `r * 6 kc`, its column `k` at `6 k` in it), the last panel's missing rows repeating the
+/// block's last row.
+fn pack_a_block(a: &MatRef, (i0, rows): (usize, usize), k0: usize, dst: &mut [f32]) {
+    let kc = dst.len() / rows.div_ceil(MR) / MR;
+    if a.row_stride == 1 {
+        // A transposed row-major matrix: column `k` of the block is one contiguous run, read
+        // once, front to back, and dealt out to the panels (panel by panel, each run would be
+        // read a few values at a time, once per panel).
+        for kk in 0..kc {
+            let src = &a.data[(k0 + kk) * a.col_stride + i0..][..rows];
+            let mut panels = dst.chunks_exact_mut(kc * MR);
+            let mut runs = src.chunks_exact(MR);
+            for (run, panel) in (&mut runs).zip(&mut panels) {
+                // Known sizes: a copy of six values is two moves, not a call to `memmove`.
+                let col: &mut [f32; MR] = (&mut panel[kk * MR..kk * MR + MR])
+                    .try_into()
+                    .expect("six values");
+                *col = run.try_into().expect("six values");
             }
-            col[..h].copy_from_slice(src);
-            col[h..].fill(src[h - 1]);
-        } else {
+            let last = runs.remainder();
+            if let (Some(panel), Some(&fill)) = (panels.next(), last.last()) {
+                let col = &mut panel[kk * MR..kk * MR + MR];
+                col[..last.len()].copy_from_slice(last);
+                col[last.len()..].fill(fill);
+            }
+        }
+        return;
+    }
+    for (r, panel) in dst.chunks_exact_mut(kc * MR).enumerate() {
+        let h = MR.min(rows - r * MR);
+        for (kk, col) in panel.chunks_exact_mut(MR).enumerate() {
             for (i, v) in col.iter_mut().enumerate() {
-                *v = a.at(i0 + i.min(h - 1), k0 + kk);
+                *v = a.at(i0 + r * MR + i.min(h - 1), k0 + kk);
             }
         }
     }
@@ -426,8 +439,8 @@ fn block_product(
     let in_place = a.col_stride == 1;
     let packed_len = if in_place { 0 } else { row_panels * kc * MR };
     with_buffer(&PACKED_A, packed_len, |packed_a| {
-        for (r, dst) in packed_a.chunks_exact_mut(kc * MR).enumerate() {
-            pack_a(a, i0 + r * MR, MR.min(rows - r * MR), k0, dst);
+        if !in_place {
+            pack_a_block(a, (i0, rows), k0, packed_a);
         }
         let packed_a = &*packed_a;
         let mut edge = [0f32; MR * NR];

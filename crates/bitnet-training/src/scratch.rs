@@ -119,7 +119,12 @@ mod tests {
         assert_ne!(longer.as_ptr(), at);
         // Short buffers are not kept.
         pool.give_back(Vec::new());
-        assert!(pool.0.lock().unwrap().iter().all(|v| v.capacity() >= MIN_LEN));
+        assert!(pool
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|v| v.capacity() >= MIN_LEN));
         drop(small);
     }
 }
