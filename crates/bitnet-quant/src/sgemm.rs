@@ -382,11 +382,10 @@ fn pack_f32_b(b: &MatRef, k0: usize, j0: usize, dst: &mut [f32]) {
     }
 }
 
-/// Rows `i0..i0 + rows` of `a`'s columns from `k0` as six-row panels filling `dst` (panel `r`
-/// at `r * 6 kc`, its column `k` at `6 k` in it), the last panel's missing rows repeating the
-/// block's last row.
-fn pack_a_block(a: &MatRef, (i0, rows): (usize, usize), k0: usize, dst: &mut [f32]) {
-    let kc = dst.len() / rows.div_ceil(MR) / MR;
+/// Rows `i0..i0 + rows` of `a`'s columns `k0..k0 + kc` as six-row panels filling `dst`
+/// (panel `r` at `r * 6 kc`, its column `k` at `6 k` in it), the last panel's missing rows
+/// repeating the block's last row.
+fn pack_a_block(a: &MatRef, (i0, rows): (usize, usize), (k0, kc): (usize, usize), dst: &mut [f32]) {
     if a.row_stride == 1 {
         // A transposed row-major matrix: column `k` of the block is one contiguous run, read
         // once, front to back, and dealt out to the panels (panel by panel, each run would be
@@ -440,7 +439,7 @@ fn block_product(
     let packed_len = if in_place { 0 } else { row_panels * kc * MR };
     with_buffer(&PACKED_A, packed_len, |packed_a| {
         if !in_place {
-            pack_a_block(a, (i0, rows), k0, packed_a);
+            pack_a_block(a, (i0, rows), (k0, kc), packed_a);
         }
         let packed_a = &*packed_a;
         let mut edge = [0f32; MR * NR];
