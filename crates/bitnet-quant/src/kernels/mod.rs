@@ -155,8 +155,9 @@ pub const SGEMM_NR: usize = 16;
 /// when `accumulate`, from +0 otherwise, so every implementation gives the same bits. `b` holds
 /// `panels` packed panels one after the other, each with row `k`'s 16 values at
 /// `k * SGEMM_NR`. One call per row of tiles, not per tile, so the checks and the dispatch are
-/// paid once for the row (a tile of a short sum is a few hundred cycles). Panics if `panels`
-/// or `kc` is 0, if `ldc < 16 * panels`, or if any index falls outside `a`, `b` or `c`.
+/// paid once for the row (a tile of a short sum is a few hundred cycles). `kc = 0` is the
+/// empty sum and `panels = 0` no tiles (the SIMD sets hand both to the scalar kernel). Panics
+/// if `ldc < 16 * panels` or if any index falls outside `a`, `b` or `c`.
 pub type SgemmTilesFn = fn(
     kc: usize,
     a: &[f32],
